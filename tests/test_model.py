@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+from conftest import synth_audio
+
+from data import Collator, log_mel
+from model import N_FRAMES_30S, SpeechLLM, merge_audio_embeds, num_audio_tokens, whisper_encode
+
+INSTRUCTION = "Transcribe the speech."
+
+
+def make_batch(model, seconds, transcripts=None, inference=False, instruction=INSTRUCTION):
+    transcripts = transcripts or ["hello"] * len(seconds)
+    items = [dict(mel=log_mel(synth_audio(i, s), model.n_mels, model.config.pad_to_30s), txt=t,
+                  instruction=instruction) for i, (s, t) in enumerate(zip(seconds, transcripts))]
+    return Collator(model, inference=inference)(items)
+
+
+@pytest.mark.parametrize("seconds", [0.05, 1.0, 2.3, 29.99, 30.0, 45.5])
+def test_audio_token_count_follows_audio_length(tiny_model, seconds):
+    mel = log_mel(synth_audio(0, seconds), 80)
+    expected = sum(math.ceil(math.ceil(w / 2) / 5) for w in mel.split(N_FRAMES_30S, dim=-1) for w in [w.shape[-1]])
+    assert num_audio_tokens(mel.shape[-1], kernel=5) == expected
+    embeds = tiny_model.encode_audio(mel[None], torch.tensor([mel.shape[-1]]))
+    assert embeds.shape == (expected, tiny_model.llm.config.hidden_size)
+    if seconds in (1.0, 30.0):
+        assert expected == 10 * seconds  # k=5: 10 audio tokens per second
+
+
+def test_pad_to_30s_is_whispers_native_input(tiny_model):
+    """Padded to 30 s, the masked encoder equals openai-whisper's own encoder, and gives 300 tokens."""
+    mel = log_mel(synth_audio(0, 3.0), 80, pad_to_30s=True)[None]
+    assert mel.shape[-1] == N_FRAMES_30S
+    ours, frames = whisper_encode(tiny_model.encoder, mel, torch.tensor([N_FRAMES_30S]))
+    torch.testing.assert_close(ours, tiny_model.encoder(mel), rtol=1e-4, atol=1e-4)
+    assert tiny_model.num_audio_tokens(mel.shape[-1]) == 300
+
+
+def test_batched_encoding_equals_one_by_one(tiny_model):
+    batch = make_batch(tiny_model, [2.0, 0.7, 1.3])
+    together = tiny_model.encode_audio(batch["mel"], batch["mel_lengths"])
+    alone = [tiny_model.encode_audio(batch["mel"][i:i + 1, :, :n], n[None]) for i, n in enumerate(batch["mel_lengths"])]
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_merge_puts_audio_embeddings_exactly_at_placeholders(tiny_model):
+    batch = make_batch(tiny_model, [1.0, 2.5], ["one", "two three four"])
+    text_embeds = tiny_model.llm.get_input_embeddings()(batch["input_ids"])
+    audio_embeds = tiny_model.encode_audio(batch["mel"], batch["mel_lengths"])
+    merged = tiny_model.embed(batch["mel"], batch["mel_lengths"], batch["input_ids"], batch["audio_mask"])
+    mask = batch["audio_mask"]
+    assert mask.sum(1).tolist() == [tiny_model.num_audio_tokens(n) for n in batch["mel_lengths"].tolist()] == [10, 25]
+    torch.testing.assert_close(merged[mask], audio_embeds)  # row-major: utterance 0's tokens, then 1's
+    torch.testing.assert_close(merged[~mask], text_embeds[~mask])
+    # the audio sits inside the user turn, right after the instruction
+    row = batch["input_ids"][0].tolist()
+    first = mask[0].nonzero()[0].item()
+    assert tiny_model.tokenizer.decode(row[:first]).endswith(INSTRUCTION)
+    with pytest.raises(ValueError, match="placeholders"):
+        merge_audio_embeds(text_embeds, audio_embeds[1:], mask)
+
+
+def test_label_mask_covers_exactly_answer_and_end_of_turn(tiny_model):
+    batch = make_batch(tiny_model, [1.0, 2.0], ["hello world", "a longer transcript here"])
+    tok = tiny_model.tokenizer
+    for row, labels, attention, txt in zip(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                           ["hello world", "a longer transcript here"]):
+        trained = labels != -100
+        answer = tok(txt, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        assert labels[trained].tolist() == answer
+        assert row[trained].tolist() == answer  # labels are the input ids themselves (the LLM shifts)
+        # the trained span is contiguous, right after "<|im_start|>assistant\n", before the padding
+        positions = trained.nonzero().flatten()
+        assert positions.tolist() == list(range(positions[0], positions[0] + len(answer)))
+        assert tok.decode(row[: positions[0]]).endswith("<|im_start|>assistant\n")
+        assert attention[positions[-1] + 1:].sum() == 0
+
+
+def test_instruction_per_sample_changes_the_prompt(tiny_model):
+    a = tiny_model.prompt("Transcribe the speech.", 4, "hi")
+    b = tiny_model.prompt("Write down what is said.", 4, "hi")
+    assert "Write down what is said." in tiny_model.tokenizer.decode(b["input_ids"])
+    assert a["labels"][-3:] == b["labels"][-3:] and a["input_ids"] != b["input_ids"]
+
+
+def test_only_projector_parameters_receive_gradients(tiny_model):
+    tiny_model.train()
+    assert not tiny_model.llm.training and not tiny_model.encoder.training and tiny_model.projector.training
+    loss = tiny_model(**make_batch(tiny_model, [1.0, 1.5])).loss
+    loss.backward()
+    for name, p in tiny_model.named_parameters():
+        if name.startswith("projector."):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def loud_projector(model, seed=0):
+    """Large random projector weights, so that the audio steers the random LLM's output."""
+    torch.manual_seed(seed)
+    for p in model.projector.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+
+
+def test_batched_greedy_equals_one_by_one(tiny_model):
+    loud_projector(tiny_model)
+    seconds = [0.8, 2.6, 1.7, 1.2]
+    batch = make_batch(tiny_model, seconds, inference=True)
+    assert (batch["attention_mask"][:, 0] == 0).any()  # prompts of different length: left padding is in play
+    lengths = dict(min_new_tokens=4, max_new_tokens=12)  # a random LLM would end at once
+    pad = tiny_model.prompt.placeholder_id
+
+    def unpadded(ids):
+        ids = ids.tolist()
+        while ids and ids[-1] == pad:
+            ids.pop()
+        return ids
+
+    together = [unpadded(ids) for ids in tiny_model.generate_ids(**batch, **lengths)]
+    alone = []
+    for i in range(len(seconds)):
+        single = {k: v[i:i + 1] for k, v in batch.items()}
+        keep = single["attention_mask"][0].bool()
+        single.update(input_ids=single["input_ids"][:, keep], attention_mask=single["attention_mask"][:, keep],
+                      audio_mask=single["audio_mask"][:, keep], mel=single["mel"][..., : single["mel_lengths"][0]])
+        alone.append(unpadded(tiny_model.generate_ids(**single, **lengths)[0]))
+    assert together == alone
+    assert len({tuple(ids) for ids in together}) > 1  # the comparison is not vacuous
+
+
+def answer_logprob(model, batch, answer_ids: list[int]) -> float:
+    """Sum of log-probabilities of the answer tokens after the prompt (teacher forcing)."""
+    ids = torch.cat([batch["input_ids"], torch.tensor([answer_ids])], 1)
+    audio_mask = torch.cat([batch["audio_mask"], torch.zeros(1, len(answer_ids), dtype=torch.bool)], 1)
+    embeds = model.embed(batch["mel"], batch["mel_lengths"], ids, audio_mask)
+    logprobs = model.llm(inputs_embeds=embeds).logits.log_softmax(-1)[0, -len(answer_ids) - 1:-1]
+    return logprobs.gather(1, torch.tensor(answer_ids)[:, None]).sum().item()
+
+
+def test_beam_search_returns_the_best_scoring_hypothesis(tiny_model):
+    """Fixed-length hypotheses (eos suppressed) make scores comparable; over several "utterances"
+    beam search never scores below greedy and beats it at least once."""
+    fixed = dict(max_new_tokens=5, min_new_tokens=5)
+    beats = 0
+    for seed in range(8):
+        loud_projector(tiny_model, seed)  # a different "speech" for the same random LLM
+        batch = make_batch(tiny_model, [1.0], inference=True)
+        greedy = tiny_model.generate_ids(**batch, **fixed)[0].tolist()
+        assert tiny_model.generate_ids(**batch, num_beams=1, **fixed)[0].tolist() == greedy
+        beam = tiny_model.generate_ids(**batch, num_beams=4, **fixed)[0].tolist()
+        with torch.no_grad():
+            beam_score, greedy_score = answer_logprob(tiny_model, batch, beam), answer_logprob(tiny_model, batch, greedy)
+        assert beam_score >= greedy_score - 1e-4
+        beats += beam_score > greedy_score + 1e-4
+    assert beats > 0, "beam search never beat greedy: the constructed cases prove nothing"
+
+
+def test_save_pretrained_from_pretrained_reproduces_outputs(tiny_model, tmp_path):
+    loud_projector(tiny_model, seed=1)  # not the initialization from_pretrained would give anyway
+    tiny_model.config.instruction = "Please transcribe."
+    batch = make_batch(tiny_model, [1.2, 0.6], inference=True, instruction="Please transcribe.")
+    tiny_model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "speechllm_config.json"]
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    assert loaded.config == tiny_model.config
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.generate(**batch, max_new_tokens=8) == tiny_model.generate(**batch, max_new_tokens=8)
+    assert loaded.transcribe([synth_audio(0, 1.2)], instruction="Please transcribe.") == \
+        tiny_model.generate(**{k: v[:1] for k, v in make_batch(tiny_model, [1.2], inference=True,
+                                                                instruction="Please transcribe.").items()},
+                            max_new_tokens=None)

@@ -1,0 +1,139 @@
+"""Train the projector of a SpeechLLM with HF Trainer (single process, torchrun DDP or DeepSpeed).
+
+    torchrun --nproc_per_node=8 train.py --llm_model_name_or_path Qwen/Qwen2-1.5B-Instruct \
+        --whisper_model_name_or_path large-v3 --data_path train.jsonl --output_dir exp/x \
+        --deepspeed ds_config_zero3.json --bf16 True --gradient_checkpointing
+"""
+import contextlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import PartialState
+import transformers.trainer
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_utils import get_last_checkpoint
+
+from data import Collator, LengthGroupedSampler, SpeechDataset, audio_duration, read_jsonl
+from model import SpeechLLM, SpeechLLMConfig
+
+
+@dataclass
+class ModelArguments:
+    llm_model_name_or_path: str = field(metadata={"help": "hub id, local directory or .gguf file"})
+    whisper_model_name_or_path: str = field(metadata={"help": "whisper name, .pt file or CTranslate2 directory"})
+    projector_kernel: int = field(default=5, metadata={"help": "encoder frames per audio token (50 frames/s)"})
+    projector_hidden: int = 2048
+    instruction: str = field(default="Transcribe the speech.", metadata={"help": "default; jsonl `instruction` wins"})
+    pad_to_30s: bool = field(default=False, metadata={"help": "Whisper's native 30 s input (slower)"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": 'jsonl lines {"key", "wav", "txt"}'})
+    eval_data_path: str | None = None
+
+
+def setup_distributed(argv: list[str]) -> list[str]:
+    """Runs before TrainingArguments exist (they fix the device and world size when built).
+    DeepSpeed outside a launcher looks for MPI: give it a one-process world instead. Without CUDA,
+    accelerate comes up with world size 1 under torchrun unless its state is first created on gloo;
+    plain DDP also needs use_cpu, or every rank silently trains a model of its own."""
+    deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
+    if deepspeed and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available() or (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not deepspeed):
+        return argv
+    if deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    else:
+        argv = argv + ["--use_cpu", "True"]
+    PartialState(backend="gloo")
+    return argv + ["--accelerator_config", json.dumps({"use_configured_state": True})]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProjectorTrainer(Trainer):
+    """Trainer that samples length-grouped batches and saves only the trainable projector."""
+
+    def __init__(self, *args, train_durations=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_durations = train_durations
+
+    def _get_train_sampler(self, train_dataset=None):
+        return LengthGroupedSampler(self.train_durations, self._train_batch_size, seed=self.args.seed)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        with gathered(list(model.projector.parameters()), self.is_deepspeed_enabled):
+            if self.args.should_save:
+                model.save_pretrained(output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The frozen encoder and LLM are not in the checkpoint: it stays the size of the projector + Adam state.
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+
+def load_checkpoint_without_frozen(engine, checkpoint_path, load_module_strict=True):
+    """Our DeepSpeed checkpoints exclude the frozen encoder and LLM, so resume loads them non-strictly
+    (HF Trainer does this only for PEFT models); the frozen weights stay the pretrained ones."""
+    return deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=False)
+
+
+transformers.trainer.deepspeed_load_checkpoint = load_checkpoint_without_frozen
+
+
+def gathered(params, deepspeed_enabled: bool):
+    """Under ZeRO-3 parameters are sharded over ranks; gather them to save (all ranks must enter)."""
+    if deepspeed_enabled:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def main():
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = setup_distributed(sys.argv[1:])
+    model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
+    args.remove_unused_columns = False  # our batches are dicts of tensors the model takes as they are
+    args.label_names = ["labels"]
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    config = SpeechLLMConfig(
+        whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,
+        projector_kernel=model_args.projector_kernel, projector_hidden=model_args.projector_hidden,
+        instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s)
+    model = SpeechLLM(config, dtype)
+
+    def dataset(path):
+        return SpeechDataset(read_jsonl(path), model.n_mels, config.instruction, config.pad_to_30s)
+
+    train_dataset = dataset(data_args.data_path)
+    eval_dataset = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
+    trainer = ProjectorTrainer(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=Collator(model), train_durations=[audio_duration(e) for e in train_dataset.entries])
+    last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    trainer.train(resume_from_checkpoint=last_checkpoint)
+    trainer.save_model(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
