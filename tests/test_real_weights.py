@@ -1,0 +1,47 @@
+"""The offline pretrained weights load through the normal arguments: Whisper tiny.en from its
+CTranslate2 bundle, SmolLM2-135M-Instruct from its GGUF (dequantized once, then cached)."""
+from pathlib import Path
+
+import pytest
+import torch
+import whisper
+import whisper.normalizers
+
+import model as model_module
+from data import load_audio
+from model import load_llm, load_whisper, resolve_bundled
+
+CLIP = Path(__file__).parent / "data" / "quick_brown_fox_kal16.wav"  # flite kal16
+
+
+@pytest.mark.slow
+def test_ctranslate2_whisper_decodes_real_speech():
+    """The converted state_dict is right only if Whisper's own decoder then transcribes speech."""
+    whisper_model = load_whisper("bundled:whisper-tiny.en")
+    assert whisper_model.dims.n_mels == 80 and whisper_model.dims.n_audio_layer == 4
+    assert whisper_model.dims.n_vocab == 51864  # English-only vocabulary
+    text = whisper.transcribe(whisper_model, load_audio(CLIP), fp16=False, temperature=0.0)["text"]
+    assert whisper.normalizers.EnglishTextNormalizer()(text) == "the quick brown fox jumps over the lazy dog"
+
+
+@pytest.mark.slow
+def test_gguf_llm_is_cached_as_safetensors(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_module, "GGUF_CACHE", tmp_path)
+    llm, tokenizer = load_llm("bundled:smollm2-135m-instruct")
+    (cached,) = tmp_path.iterdir()
+    assert (cached / "model.safetensors").exists() and (cached / "tokenizer.json").exists()
+    assert llm.config.hidden_size == 576 and "<|im_start|>" in tokenizer.chat_template
+
+    # The second load must come from the cache: loading the GGUF again would fail here.
+    from transformers import AutoModelForCausalLM
+
+    real_from_pretrained = AutoModelForCausalLM.from_pretrained
+
+    def no_gguf(*args, **kwargs):
+        assert "gguf_file" not in kwargs
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_gguf)
+    llm2, _ = load_llm(resolve_bundled("bundled:smollm2-135m-instruct"))
+    for (name, a), (_, b) in zip(llm.state_dict().items(), llm2.state_dict().items()):
+        assert torch.equal(a, b), name
