@@ -9,6 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from compute_wer import format_report, score
 from data import Collator, SpeechDataset, audio_duration, read_jsonl
 from model import SpeechLLM
 
@@ -24,6 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--instruction", default=None, help="default: the one the model was trained with")
     p.add_argument("--whisper_model_name_or_path", default=None, help="override the path in the model config")
     p.add_argument("--llm_model_name_or_path", default=None, help="override the path in the model config")
+    p.add_argument("--lang", default="en", help="text normalization for scoring (compute_wer.py --lang)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -66,6 +68,9 @@ def main(argv=None):
     audio_seconds = sum(durations)
     print(f"{len(entries)} utterances, {audio_seconds:.1f} s of audio in {elapsed:.1f} s: "
           f"{len(entries) / elapsed:.2f} utt/s, RTF {elapsed / max(audio_seconds, 1e-9):.4f}")
+    refs = {e["key"]: e["txt"] for e in entries if isinstance(e.get("txt"), str)}
+    if refs:  # the same scoring as compute_wer.py
+        print(format_report(score(refs, hyps, args.lang)))
     return hyps
 
 

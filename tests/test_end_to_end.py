@@ -36,3 +36,4 @@ def test_overfit_train_then_recognize(tmp_path, tiny_llm_dir, tiny_whisper_path)
     lines = result_path.read_text().splitlines()
     assert lines == [f"utt{i}\t{txt}" for i, txt in enumerate(TRANSCRIPTS)]
     assert "4 utterances" in out.stdout and "RTF" in out.stdout
+    assert "WER 0.00 [ 0 / 11, 0 ins, 0 del, 0 sub ]" in out.stdout
