@@ -127,7 +127,10 @@ def make_utterance(task) -> tuple[str, str]:
     effects, snr = augmentation(rng)
     with tempfile.TemporaryDirectory() as tmp:
         raw, clean = f"{tmp}/raw.wav", f"{tmp}/clean.wav"
-        synthesize(voice, text, raw)
+        try:
+            synthesize(voice, text, raw)
+        except subprocess.CalledProcessError:  # festival crashes on a few sentences: skipped, counted
+            return f"failed ({voice})", key
         subprocess.run(["sox", raw, "-r", "16000", "-c", "1", "-b", "16", clean, *effects], check=True,
                        stderr=subprocess.DEVNULL)
         audio, _ = soundfile.read(clean, dtype="float32")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Train the shipped projector: Whisper tiny.en (CTranslate2 bundle) + SmolLM2-135M-Instruct (GGUF)
+# on the TTS corpus of tools/make_corpus.py, on CPU. Re-running the same command resumes from the
+# last checkpoint in the output dir. Usage: tools/train_shipped_projector.sh OUT_DIR [extra train.py flags]
+set -euo pipefail
+out=${1:?output dir}; shift
+python train.py \
+  --whisper_model_name_or_path bundled:whisper-tiny.en \
+  --llm_model_name_or_path bundled:smollm2-135m-instruct \
+  --data_path corpus/train.jsonl --eval_data_path corpus/dev.jsonl \
+  --output_dir "$out" \
+  --per_device_train_batch_size 8 --per_device_eval_batch_size 8 \
+  --learning_rate 5e-4 --lr_scheduler_type cosine --warmup_steps 100 --weight_decay 0.01 \
+  --max_steps 6000 --logging_steps 20 \
+  --eval_strategy steps --eval_steps 250 \
+  --save_strategy steps --save_steps 100 --save_total_limit 3 \
+  --dataloader_num_workers 1 --report_to none --seed 0 \
+  --cpu_bf16_autocast True \
+  "$@"
