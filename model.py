@@ -329,6 +329,15 @@ class SpeechLLMConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _drop_tied_aliases(module, state_dict, prefix, local_metadata):
+    """A tied weight (lm_head = token embedding) is one parameter but two state_dict entries; keep
+    one, so that excluding frozen parameters (DeepSpeed checkpoints) leaves out the whole LLM."""
+    unique = {name for name, _ in module.named_parameters(prefix=prefix[:-1])}
+    for name, _ in module.named_parameters(prefix=prefix[:-1], remove_duplicate=False):
+        if name not in unique:
+            state_dict.pop(name, None)
+
+
 class SpeechLLM(nn.Module):
     def __init__(self, config: SpeechLLMConfig, dtype=torch.float32):
         super().__init__()
@@ -344,6 +353,7 @@ class SpeechLLM(nn.Module):
         for module in (self.encoder, self.llm):
             module.requires_grad_(False)
         self.train(False)
+        self.register_state_dict_post_hook(_drop_tied_aliases)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -43,19 +43,18 @@ class DataArguments:
 
 def setup_distributed(argv: list[str]) -> list[str]:
     """Runs before TrainingArguments exist (they fix the device and world size when built).
-    DeepSpeed outside a launcher looks for MPI: give it a one-process world instead. Without CUDA,
-    accelerate comes up with world size 1 under torchrun unless its state is first created on gloo;
-    plain DDP also needs use_cpu, or every rank silently trains a model of its own."""
+    DeepSpeed outside a launcher looks for MPI: give it a one-process world instead. Without CUDA
+    under torchrun: DeepSpeed needs accelerate's state created on gloo first (else world size 1);
+    plain DDP needs use_cpu (else every rank silently trains a model of its own)."""
     deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
     if deepspeed and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     if torch.cuda.is_available() or (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not deepspeed):
         return argv
-    if deepspeed:
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    else:
-        argv = argv + ["--use_cpu", "True"]
+    if not deepspeed:
+        return argv + ["--use_cpu", "True"]  # accelerate then sets up multi-CPU DDP on gloo itself
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
     return argv + ["--accelerator_config", json.dumps({"use_configured_state": True})]
 
@@ -116,9 +115,9 @@ def gathered(params, deepspeed_enabled: bool):
     return contextlib.nullcontext()
 
 
-def main():
+def main(argv: list[str] | None = None) -> ProjectorTrainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    argv = setup_distributed(sys.argv[1:])
+    argv = setup_distributed(sys.argv[1:] if argv is None else argv)
     model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
     args.remove_unused_columns = False  # our batches are dicts of tensors the model takes as they are
     args.label_names = ["labels"]
@@ -142,6 +141,7 @@ def main():
     last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model(args.output_dir)
+    return trainer
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""train.py with a trace for the distributed tests: per rank, the transcripts of every batch it
+trained on, who called save_pretrained, and the rank's own copy of the final projector.
+    TRACE_DIR=dir torchrun ... tests/helpers/traced_train.py <train.py arguments>"""
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch.distributed as dist  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import data  # noqa: E402
+import model  # noqa: E402
+import train  # noqa: E402
+
+TRACE = Path(os.environ["TRACE_DIR"])
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def log(record: dict):
+    with open(TRACE / f"rank{RANK}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+collate = data.Collator.__call__
+
+
+def traced_collate(self, batch):
+    if not self.inference:
+        log({"batch": [item["txt"] for item in batch]})
+    return collate(self, batch)
+
+
+save_pretrained = model.SpeechLLM.save_pretrained
+
+
+def traced_save_pretrained(self, save_dir, *args, **kwargs):
+    log({"save_pretrained": str(save_dir)})
+    return save_pretrained(self, save_dir, *args, **kwargs)
+
+
+data.Collator.__call__ = traced_collate
+model.SpeechLLM.save_pretrained = traced_save_pretrained
+
+trainer = train.main(sys.argv[1:])
+projector = trainer.accelerator.unwrap_model(trainer.model).projector
+with train.gathered(list(projector.parameters()), trainer.is_deepspeed_enabled):
+    save_file({k: v.detach().clone() for k, v in projector.state_dict().items()}, TRACE / f"projector{RANK}.safetensors")
+log({"world_size": dist.get_world_size() if dist.is_initialized() else 1})

@@ -1,0 +1,76 @@
+"""Two CPU ranks (gloo) under torchrun: ZeRO-3, ZeRO-2 and plain DDP really train one model together."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, synth_audio, write_corpus
+from safetensors.torch import load_file
+
+from model import SpeechLLM
+
+TRANSCRIPTS = [f"utterance number {word}" for word in "one two three four five six seven eight".split()]
+PER_DEVICE_BATCH = 2
+
+
+def traced_torchrun(tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, extra):
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "helpers" / "traced_train.py"),
+           "--llm_model_name_or_path", str(tiny_llm_dir), "--whisper_model_name_or_path", str(tiny_whisper_path),
+           "--projector_hidden", "64", "--data_path", str(jsonl), "--output_dir", str(out),
+           "--per_device_train_batch_size", str(PER_DEVICE_BATCH), "--max_steps", "3", "--save_steps", "3",
+           "--learning_rate", "1e-3", "--report_to", "none", "--seed", "3", *extra]
+    env = dict(os.environ, TRACE_DIR=str(trace), OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = {rank: [json.loads(line) for line in open(trace / f"rank{rank}.jsonl")] for rank in (0, 1)}
+    return out, trace, records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["zero3", "zero2", "ddp"])
+def test_two_ranks_train_one_model(mode, tmp_path, tiny_llm_dir, tiny_whisper_path):
+    jsonl = write_corpus(tmp_path / "data", TRANSCRIPTS, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7])
+    extra = [] if mode == "ddp" else ["--deepspeed", str(ROOT / f"ds_config_{mode}.json")]
+    out, trace, records = traced_torchrun(tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, extra)
+
+    # world size 2: each step, the ranks train on different samples; the global batch is 2x per device
+    assert [r["world_size"] for r in records[0] + records[1] if "world_size" in r] == [2, 2]
+    batches = {rank: [r["batch"] for r in records[rank] if "batch" in r][:3] for rank in (0, 1)}
+    for step in range(3):
+        b0, b1 = batches[0][step], batches[1][step]
+        assert len(b0) == len(b1) == PER_DEVICE_BATCH
+        assert not set(b0) & set(b1), (step, b0, b1)
+
+    # one model: the projector is identical on both ranks
+    p0, p1 = load_file(trace / "projector0.safetensors"), load_file(trace / "projector1.safetensors")
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+
+    # only rank 0 writes the model files; they hold just the projector, equal to the trained one
+    savers = {rank: [r["save_pretrained"] for r in records[rank] if "save_pretrained" in r] for rank in (0, 1)}
+    assert savers[0] == [str(out / "checkpoint-3"), str(out)] and savers[1] == []
+    saved = load_file(out / "model.safetensors")
+    assert set(saved) == {f"projector.{name}" for name in p0}
+    for name in p0:
+        assert torch.equal(saved[f"projector.{name}"], p0[name]), name
+
+    if mode != "ddp":  # the DeepSpeed checkpoint leaves the frozen encoder and LLM out
+        step_dir = out / "checkpoint-3" / "global_step3"
+        optim_bytes = sum(f.stat().st_size for f in step_dir.glob("*optim_states.pt"))
+        model_bytes = sum(f.stat().st_size for f in step_dir.glob("*model_states.pt"))
+        projector_bytes = sum(v.numel() * 4 for v in p0.values())
+        # fp32 master weights + two Adam moments, sharded over the ranks; the model states keep
+        # only buffers (Whisper's positional table) besides the trainable parameters
+        assert 2.5 * projector_bytes < optim_bytes < 5 * projector_bytes, (optim_bytes, projector_bytes)
+        assert model_bytes < (tiny_llm_dir / "model.safetensors").stat().st_size / 10, model_bytes
+
+    model = SpeechLLM.from_pretrained(out)
+    for name, value in model.projector.state_dict().items():
+        assert torch.equal(value, p0[name]), name
+    assert len(model.transcribe([synth_audio(0, 1.0)], num_beams=2)) == 1
