@@ -130,7 +130,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return len(self.durations)
 
     def __iter__(self):
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        rng = random.Random(f"{self.seed}/{self.epoch}")  # a string seed is hashed: epochs decorrelate
         order = list(range(len(self.durations)))
         rng.shuffle(order)
         batches = []

@@ -450,6 +450,9 @@ class SpeechLLM(nn.Module):
             if value is not None:
                 setattr(config, key, value)
         model = cls(config, dtype)
-        weights = load_file(Path(model_dir) / WEIGHTS_NAME)
-        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in weights.items()})
+        model.load_projector(model_dir)
         return model
+
+    def load_projector(self, model_dir):
+        weights = load_file(Path(model_dir) / WEIGHTS_NAME)
+        self.projector.load_state_dict({k.removeprefix("projector."): v for k, v in weights.items()})

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 import transformers.trainer
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import get_last_checkpoint
@@ -79,7 +79,13 @@ class ProjectorTrainer(Trainer):
         return super().compute_loss_context_manager()
 
     def _get_train_sampler(self, train_dataset=None):
-        return LengthGroupedSampler(self.train_durations, self._train_batch_size, seed=self.args.seed)
+        self.length_sampler = LengthGroupedSampler(self.train_durations, self._train_batch_size, seed=self.args.seed)
+        return self.length_sampler
+
+    def _run_epoch(self, *args, epoch, **kwargs):
+        # accelerate's skip-batches wrapper (used on resume) does not forward set_epoch to our sampler
+        self.length_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
         output_dir = output_dir or self.args.output_dir
@@ -87,6 +93,10 @@ class ProjectorTrainer(Trainer):
         with gathered(list(model.projector.parameters()), self.is_deepspeed_enabled):
             if self.args.should_save:
                 model.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # (not used with DeepSpeed) A checkpoint holds only the projector; the rest is pretrained.
+        self.accelerator.unwrap_model(model or self.model).load_projector(resume_from_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         if not self.is_deepspeed_enabled:
@@ -122,6 +132,7 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
     args.remove_unused_columns = False  # our batches are dicts of tensors the model takes as they are
     args.label_names = ["labels"]
 
+    set_seed(args.seed)  # the projector's initialization, like everything else, follows --seed
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     config = SpeechLLMConfig(
         whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,

@@ -1,6 +1,7 @@
 """train.py with a trace for the distributed tests: per rank, the transcripts of every batch it
 trained on, who called save_pretrained, and the rank's own copy of the final projector.
-    TRACE_DIR=dir torchrun ... tests/helpers/traced_train.py <train.py arguments>"""
+    TRACE_DIR=dir [CRASH_AT_STEP=n] torchrun ... tests/helpers/traced_train.py <train.py arguments>
+CRASH_AT_STEP=n kills every rank as it starts optimizer step n (1-based), like a lost node."""
 import json
 import os
 import sys
@@ -42,8 +43,19 @@ def traced_save_pretrained(self, save_dir, *args, **kwargs):
     return save_pretrained(self, save_dir, *args, **kwargs)
 
 
+training_step = train.ProjectorTrainer.training_step
+
+
+def crashing_training_step(self, *args, **kwargs):
+    if self.state.global_step + 1 == int(os.environ.get("CRASH_AT_STEP", 0)):
+        log({"crashed_at_step": self.state.global_step + 1})
+        os._exit(17)
+    return training_step(self, *args, **kwargs)
+
+
 data.Collator.__call__ = traced_collate
 model.SpeechLLM.save_pretrained = traced_save_pretrained
+train.ProjectorTrainer.training_step = crashing_training_step
 
 trainer = train.main(sys.argv[1:])
 projector = trainer.accelerator.unwrap_model(trainer.model).projector
