@@ -157,3 +157,5 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # live gloo threads can abort the interpreter's exit
+        torch.distributed.destroy_process_group()

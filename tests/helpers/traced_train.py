@@ -62,3 +62,5 @@ projector = trainer.accelerator.unwrap_model(trainer.model).projector
 with train.gathered(list(projector.parameters()), trainer.is_deepspeed_enabled):
     save_file({k: v.detach().clone() for k, v in projector.state_dict().items()}, TRACE / f"projector{RANK}.safetensors")
 log({"world_size": dist.get_world_size() if dist.is_initialized() else 1})
+if dist.is_initialized():
+    dist.destroy_process_group()
