@@ -21,13 +21,13 @@ def test_overfit_train_then_recognize(tmp_path, tiny_llm_dir, tiny_whisper_path)
     jsonl = write_corpus(tmp_path / "data", TRANSCRIPTS, [1.0, 1.5, 2.0, 1.2])
     exp = tmp_path / "exp"
     run("train.py", "--llm_model_name_or_path", tiny_llm_dir, "--whisper_model_name_or_path", tiny_whisper_path,
-        "--projector_hidden", 256, "--data_path", jsonl, "--output_dir", exp, "--per_device_train_batch_size", 4,
-        "--learning_rate", 5e-3, "--lr_scheduler_type", "constant", "--max_steps", 200, "--logging_steps", 10,
-        "--save_steps", 100, "--report_to", "none", "--seed", 1)
-    losses = [log["loss"] for log in json.loads((exp / "checkpoint-200" / "trainer_state.json").read_text())
+        "--projector_hidden", 1024, "--data_path", jsonl, "--output_dir", exp, "--per_device_train_batch_size", 4,
+        "--learning_rate", 3e-3, "--lr_scheduler_type", "constant", "--max_steps", 300, "--logging_steps", 10,
+        "--save_steps", 150, "--report_to", "none", "--seed", 1)
+    losses = [log["loss"] for log in json.loads((exp / "checkpoint-300" / "trainer_state.json").read_text())
               ["log_history"] if "loss" in log]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert sorted(p.name for p in exp.iterdir()) == ["checkpoint-100", "checkpoint-200", "model.safetensors",
+    assert sorted(p.name for p in exp.iterdir()) == ["checkpoint-150", "checkpoint-300", "model.safetensors",
                                                       "speechllm_config.json"]
 
     result_path = tmp_path / "result.txt"
