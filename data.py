@@ -88,9 +88,10 @@ class Collator:
     """Pads features to the batch's longest utterance and tokens to the batch's longest prompt.
     Training: right padding, labels. Inference: left padding (generation appends on the right)."""
 
-    def __init__(self, model, inference: bool = False):
+    def __init__(self, model, inference: bool = False, pad_text_to: int | None = None):
         self.prompt, self.num_audio_tokens = model.prompt, model.num_audio_tokens
         self.inference = inference
+        self.pad_text_to = pad_text_to  # West v0 pads every sample to 512 tokens; kept to measure what that costs
 
     def __call__(self, batch: list[dict]) -> dict:
         mel_lengths = torch.tensor([item["mel"].shape[-1] for item in batch])
@@ -99,7 +100,7 @@ class Collator:
             mel[i, :, : mel_lengths[i]] = item["mel"]
         samples = [self.prompt(item["instruction"], self.num_audio_tokens(item["mel"].shape[-1]),
                                None if self.inference else item["txt"]) for item in batch]
-        max_len = max(len(s["input_ids"]) for s in samples)
+        max_len = max([len(s["input_ids"]) for s in samples] + [self.pad_text_to or 0])
         out = dict(mel=mel, mel_lengths=mel_lengths)
         for name, pad_value in [("input_ids", self.prompt.placeholder_id), ("attention_mask", 0),
                                 ("audio_mask", False), ("labels", -100)]:

@@ -159,13 +159,16 @@ def read_ctranslate2_whisper(model_bin: Path) -> tuple[dict, dict]:
     return dims, {k: v.float() for k, v in sd.items()}
 
 
-def load_llm(name_or_path: str, dtype=torch.float32):
-    """A causal LLM and its tokenizer from a hub id, a local directory or a .gguf file."""
+def load_llm(name_or_path: str, dtype=torch.float32, trust_remote_code: bool = False):
+    """A causal LLM and its tokenizer from a hub id, a local directory or a .gguf file. A model
+    repo's own Python code runs only when the caller asks for it (trust_remote_code)."""
     name_or_path = resolve_bundled(name_or_path)
     if str(name_or_path).endswith(".gguf"):
         name_or_path = dequantized_gguf_dir(Path(name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    # use_safetensors: never unpickle a pytorch_model.bin
+    llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                               use_safetensors=True)
     return llm, tokenizer
 
 
@@ -339,11 +342,12 @@ def _drop_tied_aliases(module, state_dict, prefix, local_metadata):
 
 
 class SpeechLLM(nn.Module):
-    def __init__(self, config: SpeechLLMConfig, dtype=torch.float32):
+    def __init__(self, config: SpeechLLMConfig, dtype=torch.float32, trust_remote_code: bool = False):
         super().__init__()
         self.config = config
         self.encoder = load_whisper(config.whisper_model).encoder.to(dtype)  # Whisper's decoder is not needed
-        self.llm, self.tokenizer = load_llm(config.llm_model, dtype)
+        # Not a config field: a model dir's JSON is data and must not switch on code execution.
+        self.llm, self.tokenizer = load_llm(config.llm_model, dtype, trust_remote_code)
         self.n_mels = self.encoder.conv1.in_channels
         # Not a saved field: HF's DeepSpeed integration sizes its "auto" buckets from model.config.hidden_size.
         self.config.hidden_size = self.llm.config.hidden_size
@@ -443,13 +447,14 @@ class SpeechLLM(nn.Module):
         (save_dir / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype=torch.float32, **overrides) -> "SpeechLLM":
+    def from_pretrained(cls, model_dir, dtype=torch.float32, trust_remote_code: bool = False,
+                        **overrides) -> "SpeechLLM":
         """Rebuild a saved model; overrides (e.g. whisper_model=, llm_model=) replace config fields."""
         config = SpeechLLMConfig.from_json(Path(model_dir) / CONFIG_NAME)
         for key, value in overrides.items():
             if value is not None:
                 setattr(config, key, value)
-        model = cls(config, dtype)
+        model = cls(config, dtype, trust_remote_code)
         model.load_projector(model_dir)
         return model
 

@@ -33,12 +33,18 @@ class ModelArguments:
     pad_to_30s: bool = field(default=False, metadata={"help": "Whisper's native 30 s input (slower)"})
     cpu_bf16_autocast: bool = field(default=False, metadata={
         "help": "CPU only: forward under torch.autocast(bfloat16), weights stay fp32 (--bf16 refuses CPU)"})
+    init_projector: str | None = field(default=None, metadata={
+        "help": "warm start: the projector of a saved model dir (a checkpoint in output_dir still wins)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let the LLM's repo run its own Python code"})
 
 
 @dataclass
 class DataArguments:
     data_path: str = field(metadata={"help": 'jsonl lines {"key", "wav", "txt"}'})
     eval_data_path: str | None = None
+    length_grouped: bool = field(default=True, metadata={"help": "batches of similar duration (less padding)"})
+    pad_text_to: int | None = field(default=None, metadata={
+        "help": "pad every batch's tokens to at least this length (West v0: 512); only to measure its cost"})
 
 
 def setup_distributed(argv: list[str]) -> list[str]:
@@ -70,7 +76,7 @@ class ProjectorTrainer(Trainer):
 
     def __init__(self, *args, train_durations=None, cpu_bf16_autocast=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.train_durations = train_durations
+        self.train_durations = train_durations  # None: the Trainer's own random sampler
         self.cpu_bf16_autocast = cpu_bf16_autocast
 
     def compute_loss_context_manager(self):
@@ -79,12 +85,16 @@ class ProjectorTrainer(Trainer):
         return super().compute_loss_context_manager()
 
     def _get_train_sampler(self, train_dataset=None):
+        if self.train_durations is None:
+            self.length_sampler = None
+            return super()._get_train_sampler(train_dataset)
         self.length_sampler = LengthGroupedSampler(self.train_durations, self._train_batch_size, seed=self.args.seed)
         return self.length_sampler
 
     def _run_epoch(self, *args, epoch, **kwargs):
         # accelerate's skip-batches wrapper (used on resume) does not forward set_epoch to our sampler
-        self.length_sampler.set_epoch(epoch)
+        if self.length_sampler is not None:
+            self.length_sampler.set_epoch(epoch)
         return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
@@ -138,16 +148,19 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
         whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,
         projector_kernel=model_args.projector_kernel, projector_hidden=model_args.projector_hidden,
         instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s)
-    model = SpeechLLM(config, dtype)
+    model = SpeechLLM(config, dtype, trust_remote_code=model_args.trust_remote_code)
+    if model_args.init_projector:
+        model.load_projector(model_args.init_projector)
 
     def dataset(path):
         return SpeechDataset(read_jsonl(path), model.n_mels, config.instruction, config.pad_to_30s)
 
     train_dataset = dataset(data_args.data_path)
     eval_dataset = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
+    train_durations = [audio_duration(e) for e in train_dataset.entries] if data_args.length_grouped else None
     trainer = ProjectorTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=Collator(model), train_durations=[audio_duration(e) for e in train_dataset.entries],
+        data_collator=Collator(model, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
         cpu_bf16_autocast=model_args.cpu_bf16_autocast and not torch.cuda.is_available())
     last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=last_checkpoint)
