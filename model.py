@@ -4,6 +4,7 @@ Read top to bottom: loading the pretrained parts, the encoder forward on trimmed
 the projector, prompt building with the LLM's chat template, the merge of audio embeddings
 into the text embeddings, and the SpeechLLM module (forward, generate, save/load).
 """
+import copy
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 import whisper
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 N_FRAMES_30S = whisper.audio.N_FRAMES  # 3000 mel frames = 30 s, Whisper's whole context
 CONFIG_NAME = "speechllm_config.json"
@@ -312,6 +314,29 @@ def merge_audio_embeds(inputs_embeds: torch.Tensor, audio_embeds: torch.Tensor, 
     return inputs_embeds.masked_scatter(audio_mask[..., None], audio_embeds.to(inputs_embeds.dtype))
 
 
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_mask: torch.Tensor) -> int:
+    """How many tokens open every left-padded prompt of the batch identically, before any audio:
+    the chat template's system prompt and the instruction when the batch shares one."""
+    starts = attention_mask.int().argmax(1)  # (B,) first real token of each row
+    first_audio = audio_mask.int().argmax(1)  # (B,)
+    length = max(0, int((first_audio - starts).min()))
+    tokens = input_ids.gather(1, starts[:, None] + torch.arange(length, device=input_ids.device))  # (B, length)
+    same = (tokens == tokens[:1]).all(0)  # (length,)
+    return int(same.int().cumprod(0).sum())
+
+
+def move_padding_after_prefix(x: torch.Tensor, attention_mask: torch.Tensor, prefix_length: int):
+    """Left padding -> padding between the shared prefix and the rest of each row, so that the
+    prefix occupies the same positions 0..P-1 in every row and one KV cache serves them all. Position
+    ids come from the attention mask's cumulative sum, so every real token keeps its position.
+    x: (B, L, ...), attention_mask: (B, L) -> both rearranged, same shapes."""
+    starts = attention_mask.int().argmax(1)[:, None]  # (B, 1): left padding of each row
+    j = torch.arange(attention_mask.shape[1], device=x.device)[None]  # (1, L)
+    source = torch.where(j < prefix_length, starts + j, torch.where(j < prefix_length + starts, j - prefix_length, j))
+    gathered = x.gather(1, source.view(*source.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+    return gathered, attention_mask.gather(1, source)
+
+
 # ----------------------------------------------------------------------------------------
 # The model
 
@@ -358,6 +383,7 @@ class SpeechLLM(nn.Module):
             module.requires_grad_(False)
         self.train(False)
         self.register_state_dict_post_hook(_drop_tied_aliases)
+        self._prefix_caches = {}  # prompt prefix token ids (+ device, dtype) -> its KV cache (the LLM is frozen)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -401,27 +427,60 @@ class SpeechLLM(nn.Module):
 
     def forward(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, labels=None):
         inputs_embeds = self.embed(mel, mel_lengths, input_ids, audio_mask)
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if labels is None:
+            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        # Only the transcript is in the loss: the vocabulary-sized LM head runs on the positions that
+        # predict a label, not on the system prompt and audio (most of the sequence). Same loss as
+        # the LLM's own (mean cross-entropy over labels != -100).
+        predicts_label = (labels[:, 1:] != -100).any(0)  # (L-1,): position t predicts token t+1
+        positions = predicts_label.nonzero().flatten()  # (K,)
+        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=positions)  # logits: (B, K, vocab)
+        targets = labels[:, 1:][:, positions]  # (B, K)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
 
     @torch.inference_mode()
     def generate_ids(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, num_beams: int = 1,
-                     max_new_tokens: int | None = None, **generate_kwargs) -> torch.Tensor:
+                     max_new_tokens: int | None = None, prefix_cache: bool = True, **generate_kwargs) -> torch.Tensor:
         """Batched decoding of left-padded prompts -> new token ids (B, <= max_new_tokens); greedy
-        when num_beams == 1."""
+        when num_beams == 1. The encoder runs once per utterance: generate() expands the finished
+        embeddings to the beams. prefix_cache: the prompt's shared opening (system prompt +
+        instruction) is computed once and its KV cache reused across the batch, beams and calls."""
         if max_new_tokens is None:  # a bound from the audio: 8 tokens/s is beyond fast speech
             max_new_tokens = 16 + 8 * math.ceil(int(mel_lengths.max()) / 100)
         inputs_embeds = self.embed(mel, mel_lengths, input_ids, audio_mask)
+        prefix_length = shared_prefix_length(input_ids, attention_mask, audio_mask) if prefix_cache else 0
+        if prefix_length > 0:
+            start = int(attention_mask[0].int().argmax())
+            prefix_ids = input_ids[0, start:start + prefix_length]
+            expanded_batch = len(input_ids) * max(num_beams, generate_kwargs.get("num_return_sequences", 1))
+            generate_kwargs["past_key_values"] = self.prefix_kv_cache(prefix_ids, expanded_batch)
+            # generate() runs the LLM only on the embeddings beyond the cache's length
+            inputs_embeds, attention_mask = move_padding_after_prefix(inputs_embeds, attention_mask, prefix_length)
         return self.llm.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, num_beams=num_beams, do_sample=False,
             max_new_tokens=max_new_tokens, eos_token_id=self.prompt.eos_token_ids,
             pad_token_id=self.prompt.placeholder_id, **generate_kwargs)
 
+    def prefix_kv_cache(self, prefix_ids: torch.Tensor, batch_size: int):
+        """The LLM's KV cache of prefix_ids (P,), repeated to batch_size rows; a fresh copy each call,
+        since generate() extends it in place. Computed once per prefix, device, dtype and autocast."""
+        autocast = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None
+        key = (tuple(prefix_ids.tolist()), self.device, self.llm.dtype, autocast)
+        if key not in self._prefix_caches:
+            self._prefix_caches[key] = self.llm(input_ids=prefix_ids[None], use_cache=True).past_key_values
+        cache = copy.deepcopy(self._prefix_caches[key])
+        cache.batch_repeat_interleave(batch_size)
+        return cache
+
     def generate(self, *args, **kwargs) -> list[str]:
         texts = self.tokenizer.batch_decode(self.generate_ids(*args, **kwargs), skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def transcribe(self, audio, num_beams: int = 1, batch_size: int = 8, instruction: str | None = None) -> list[str]:
-        """Notebook use: file paths or 16 kHz float arrays -> transcripts."""
+    def transcribe(self, audio, num_beams: int = 1, batch_size: int = 8, instruction: str | None = None,
+                   **generate_kwargs) -> list[str]:
+        """Notebook use: file paths or 16 kHz float arrays -> transcripts (in input order)."""
         from data import Collator, load_audio, log_mel
 
         items = audio if isinstance(audio, (list, tuple)) else [audio]
@@ -434,7 +493,7 @@ class SpeechLLM(nn.Module):
                 batch.append(dict(mel=log_mel(samples, self.n_mels, self.config.pad_to_30s),
                                   instruction=instruction or self.config.instruction))
             inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate(batch).items()}
-            texts += self.generate(**inputs, num_beams=num_beams)
+            texts += self.generate(**inputs, num_beams=num_beams, **generate_kwargs)
         return texts
 
     def save_pretrained(self, save_dir, state_dict: dict | None = None):

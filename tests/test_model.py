@@ -174,3 +174,52 @@ def test_save_pretrained_from_pretrained_reproduces_outputs(tiny_model, tmp_path
         tiny_model.generate(**{k: v[:1] for k, v in make_batch(tiny_model, [1.2], inference=True,
                                                                 instruction="Please transcribe.").items()},
                             max_new_tokens=None)
+
+
+def test_loss_on_label_positions_only_equals_the_llms_own_loss(tiny_model):
+    loud_projector(tiny_model)
+    batch = make_batch(tiny_model, [1.0, 2.4, 0.6], ["one", "two three four five", "six seven"])
+    embeds = tiny_model.embed(batch["mel"], batch["mel_lengths"], batch["input_ids"], batch["audio_mask"])
+    full = tiny_model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    ours = tiny_model(**batch)
+    torch.testing.assert_close(ours.loss, full.loss, rtol=1e-5, atol=1e-6)
+    assert ours.logits.shape[1] < full.logits.shape[1]  # the LM head did skip the prompt
+
+
+def mixed_batch(model):
+    """Left-padded prompts of different lengths; the third has another instruction, so the prefix
+    shared by all three rows is only the system prompt and the start of the user turn."""
+    instructions = [INSTRUCTION, INSTRUCTION, "Write down what is said."]
+    items = [dict(mel=log_mel(synth_audio(i, s), model.n_mels), instruction=instruction)
+             for i, (s, instruction) in enumerate(zip([0.8, 2.6, 1.7], instructions))]
+    return Collator(model, inference=True)(items)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+@pytest.mark.parametrize("rows", [[0, 1], [0, 1, 2]])  # one shared instruction; mixed instructions
+def test_prefix_kv_cache_decodes_exactly_as_without(tiny_model, num_beams, rows):
+    from model import shared_prefix_length
+
+    loud_projector(tiny_model)
+    batch = {k: v[rows] for k, v in mixed_batch(tiny_model).items()}
+    assert (batch["attention_mask"][:, 0] == 0).any()  # left padding is in play
+    instruction_ids = tiny_model.tokenizer(INSTRUCTION, add_special_tokens=False)["input_ids"]
+    shared = shared_prefix_length(batch["input_ids"], batch["attention_mask"], batch["audio_mask"])
+    before_audio = len(tiny_model.prompt._pieces(INSTRUCTION)[0])
+    assert shared == (before_audio if len(rows) == 2 else before_audio - len(instruction_ids))
+    lengths = dict(min_new_tokens=4, max_new_tokens=10, num_beams=num_beams)
+    without = tiny_model.generate_ids(**batch, prefix_cache=False, **lengths)
+    with_cache = tiny_model.generate_ids(**batch, prefix_cache=True, **lengths)
+    assert with_cache.tolist() == without.tolist()
+    assert tiny_model.generate_ids(**batch, **lengths).tolist() == without.tolist()  # a reused cache: the same
+    assert len({tuple(ids) for ids in without.tolist()}) > 1  # the comparison is not vacuous
+
+
+def test_beam_search_encodes_each_utterance_once(tiny_model):
+    """generate() expands the finished embeddings to the beams; the encoder never sees beams."""
+    encoded_rows = []
+    hook = tiny_model.encoder.conv1.register_forward_hook(lambda module, args, out: encoded_rows.append(len(args[0])))
+    batch = make_batch(tiny_model, [0.8, 1.5], inference=True)
+    tiny_model.generate_ids(**batch, num_beams=4, max_new_tokens=3)
+    hook.remove()
+    assert encoded_rows == [2]
