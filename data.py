@@ -1,7 +1,11 @@
-"""Data: jsonl manifests, audio loading, log-mel features, batching and length-grouped sampling."""
+"""Data: jsonl manifests, audio loading, the check pass over a data set, log-mel features, batching and
+length-grouped sampling."""
 import json
 import math
+import os
 import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,51 +18,124 @@ SAMPLE_RATE = whisper.audio.SAMPLE_RATE  # 16 kHz
 N_SAMPLES_30S = whisper.audio.N_SAMPLES
 
 
+class InputError(ValueError):
+    """Bad input the user has to fix: the CLIs print the message (it names file:line) and exit 1."""
+
+
 def read_jsonl(path) -> list[dict]:
-    """Lines {"key", "wav", "txt"} (+ optional "duration", "instruction"). `key` defaults to the
-    wav file's stem; a relative `wav` is relative to the jsonl file."""
+    """Lines {"key", "wav", "txt"} (+ optional "instruction"). `key` defaults to the wav file's stem;
+    a relative `wav` is relative to the jsonl file. A bad line is an InputError naming file:line."""
     path = Path(path)
     entries, seen = [], {}
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             where = f"{path}:{line_no}"
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 ({e})") from None
+                raise InputError(f"{where}: not UTF-8 ({e})") from None
             if not line:
                 continue
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e})") from None
+                raise InputError(f"{where}: malformed JSON ({e})") from None
             if not isinstance(entry, dict) or not isinstance(entry.get("wav"), str):
-                raise ValueError(f'{where}: needs a "wav" path')
+                raise InputError(f'{where}: needs a "wav" path')
             wav = Path(entry["wav"]).expanduser()
             entry["wav"] = str(wav if wav.is_absolute() else path.parent / wav)
             entry["key"] = str(entry.get("key") or wav.stem)
             if entry["key"] in seen:
-                raise ValueError(f"{where}: duplicate key {entry['key']!r} (first at line {seen[entry['key']]})")
+                raise InputError(f"{where}: duplicate key {entry['key']!r} (first at line {seen[entry['key']]})")
             seen[entry["key"]] = line_no
             entry["where"] = where
             entries.append(entry)
     return entries
 
 
+class BadAudio(ValueError):
+    """Audio that cannot be used; str(e) is the reason, e.g. "missing" or "non-finite samples"."""
+
+
 def load_audio(path) -> np.ndarray:
     """Any soundfile-readable file -> mono float32 at 16 kHz."""
-    samples, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (n, channels)
+    try:
+        samples, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (n, channels)
+    except (soundfile.SoundFileError, OSError) as e:  # a header that reads fine can still hide bad data
+        raise BadAudio("missing" if not os.path.exists(path) else "unreadable") from e
+    if len(samples) == 0:
+        raise BadAudio("empty")
+    if not np.isfinite(samples).all():  # NaN/inf would poison the loss (training) or the encoder (decoding)
+        raise BadAudio("non-finite samples")
     samples = samples.mean(axis=1)
     if sample_rate != SAMPLE_RATE:
         samples = soxr.resample(samples, sample_rate, SAMPLE_RATE, quality="HQ")
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
-def audio_duration(entry: dict) -> float:
-    if "duration" in entry:
-        return float(entry["duration"])
-    info = soundfile.info(entry["wav"])
-    return info.frames / info.samplerate
+def audio_problem(entry: dict) -> str | None:
+    """Why an entry's audio cannot be used, from its header; None if it looks fine. Sets
+    entry["duration"] from the header. Only float files (WAV FLOAT/DOUBLE) can hold NaN or inf, so only
+    those are read in full; integer PCM, FLAC and the like cost a header read (~40 us on a local disk)."""
+    path = entry["wav"]
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        info = soundfile.info(path)
+    except (soundfile.SoundFileError, OSError):
+        return "unreadable"
+    if info.frames <= 0:
+        return "empty"
+    if info.subtype in ("FLOAT", "DOUBLE"):
+        try:
+            load_audio(path)
+        except BadAudio as e:
+            return str(e)
+    entry["duration"] = info.frames / info.samplerate
+    return None
+
+
+def text_problem(entry: dict, model, max_audio_seconds: float) -> str | None:
+    """Why an entry cannot be trained on, besides its audio; None if it can."""
+    if entry["duration"] > max_audio_seconds:
+        return f"longer than {max_audio_seconds:g} s"
+    txt = entry.get("txt")
+    if not isinstance(txt, str) or not txt.strip():
+        return "no transcript"
+    instruction = entry.get("instruction") or model.config.instruction
+    num_tokens = len(model.prompt(instruction, model.num_audio_tokens(num_mel_frames(entry, model)), txt)["input_ids"])
+    if num_tokens > model.llm.config.max_position_embeddings:
+        return f"longer than the LLM's context ({model.llm.config.max_position_embeddings} tokens)"
+    return None
+
+
+def num_mel_frames(entry: dict, model) -> int:
+    """The log-mel length of an entry from its duration (within a frame of load_audio + log_mel)."""
+    num_samples = round(entry["duration"] * SAMPLE_RATE)
+    if model.config.pad_to_30s:
+        return max(1, math.ceil(num_samples / N_SAMPLES_30S)) * whisper.audio.N_FRAMES
+    return num_samples // whisper.audio.HOP_LENGTH
+
+
+def check_entries(entries: list[dict], model, for_training: bool, max_audio_seconds: float = 30.0):
+    """The one check pass before any work starts (train.py and recognize.py): every audio header is
+    read once (in threads: on network storage a header read is a round trip), and for training the
+    length and the transcript are checked too. -> (usable entries, problems: entries with a "reason").
+    Decoding errors a header cannot show are caught again where the audio is loaded (SpeechDataset)."""
+    with ThreadPoolExecutor(16) as pool:
+        reasons = list(pool.map(audio_problem, entries))
+    if for_training:
+        reasons = [reason or text_problem(e, model, max_audio_seconds) for e, reason in zip(entries, reasons)]
+    usable = [e for e, reason in zip(entries, reasons) if reason is None]
+    problems = [dict(e, reason=reason) for e, reason in zip(entries, reasons) if reason is not None]
+    return usable, problems
+
+
+def count_reasons(reasons) -> str:
+    """"2 missing, 1 empty" (most frequent first)."""
+    return ", ".join(f"{n} {reason}" for reason, n in Counter(reasons).most_common())
 
 
 def log_mel(samples: np.ndarray, n_mels: int, pad_to_30s: bool = False) -> torch.Tensor:
@@ -79,8 +156,13 @@ class SpeechDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, i) -> dict:
+        """-> {key, mel, txt, instruction}, or {key, error} when the audio fails to load."""
         entry = self.entries[i]
-        return dict(mel=log_mel(load_audio(entry["wav"]), self.n_mels, self.pad_to_30s),
+        try:
+            samples = load_audio(entry["wav"])
+        except BadAudio as e:
+            return dict(key=entry["key"], error=str(e))
+        return dict(key=entry["key"], mel=log_mel(samples, self.n_mels, self.pad_to_30s),
                     txt=entry.get("txt"), instruction=entry.get("instruction") or self.default_instruction)
 
 

@@ -2,15 +2,28 @@
 
     python recognize.py --model_dir exp/x --data_path test.jsonl --result_path result.txt \
         --batch_size 16 --num_beams 1
+    torchrun --nproc_per_node=8 recognize.py ...   # each rank decodes a share; rank 0 writes the one result
+
+Finished batches are appended to `<result_path>.partial<rank>` (flushed and fsynced), so the same
+command run again after a kill decodes only the rest. The result file is written last, to a temporary
+name renamed over the old file. An utterance whose audio cannot be read gets an empty line in the
+result and its reason in `<result_path>.errors`.
 """
 import argparse
+import glob
+import json
+import os
+import sys
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from compute_wer import format_report, score
-from data import Collator, SpeechDataset, audio_duration, read_jsonl
+from data import Collator, InputError, SpeechDataset, check_entries, count_reasons, read_jsonl
 from model import SpeechLLM
 
 
@@ -25,9 +38,27 @@ def parse_args(argv=None):
     p.add_argument("--instruction", default=None, help="default: the one the model was trained with")
     p.add_argument("--whisper_model_name_or_path", default=None, help="override the path in the model config")
     p.add_argument("--llm_model_name_or_path", default=None, help="override the path in the model config")
+    p.add_argument("--trust_remote_code", action="store_true", help="let the LLM's repo run its own Python code")
     p.add_argument("--lang", default="en", help="text normalization for scoring (compute_wer.py --lang)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
+
+
+def setup_distributed(device: str) -> tuple[int, int, str]:
+    """-> rank, world size, this rank's device. A process group only under torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    # Ranks meet only before and after decoding: a rank may wait a long time for the slowest one.
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=24))
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return dist.get_rank(), world_size, device
+
+
+def barrier(world_size: int):
+    if world_size > 1:
+        dist.barrier()
 
 
 def one_line(text: str) -> str:
@@ -35,39 +66,135 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def partial_paths(result_path: Path) -> list[Path]:
+    """The partial files of every rank of earlier runs, whatever their world size."""
+    return sorted(Path(p) for p in glob.glob(glob.escape(str(result_path)) + ".partial*"))
+
+
+def read_partials(result_path: Path) -> dict[str, dict]:
+    """{key: {"key", "text"} or {"key", "error"}} of what earlier runs finished. A line torn by a kill
+    is not valid JSON: skipped, its utterance is decoded again."""
+    records = {}
+    for path in partial_paths(result_path):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[record["key"]] = record
+    return records
+
+
+def open_partial(path: Path):
+    """Append mode; a line torn by a kill is ended first, else the next record would be glued to it."""
+    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+    f = open(path, "a", encoding="utf-8")
+    if torn:
+        f.write("\n")
+    return f
+
+
+def append_records(f, records: list[dict]):
+    """A batch is on disk before the next one starts: a kill loses at most the batch in flight."""
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_atomically(path: Path, lines: list[str]):
+    """Written under a temporary name, then renamed over `path`: a crash leaves the old file or the new
+    one in place, never half of one."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CollatorKeepingErrors:
+    """-> (keys, inference batch or None, {key: reason}): an utterance whose audio failed to load is
+    left out of the batch and comes back as an error."""
+
+    def __init__(self, model):
+        self.collate = Collator(model, inference=True)
+
+    def __call__(self, items: list[dict]):
+        good = [item for item in items if "error" not in item]
+        errors = {item["key"]: item["error"] for item in items if "error" in item}
+        return [item["key"] for item in good], self.collate(good) if good else None, errors
+
+
+def decode(model, entries: list[dict], args, device: str, rank: int, world_size: int, partial: Path):
+    """Decode this rank's share of `entries` (longest first), appending each batch's records to `partial`."""
+    # Longest first: batches of similar length waste little padding, and memory peaks at once. Whole
+    # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
+    entries = sorted(entries, key=lambda e: -e["duration"])
+    dataset = SpeechDataset(entries, model.n_mels, model.config.instruction, model.config.pad_to_30s)
+    batches = [list(range(i, min(i + args.batch_size, len(entries)))) for i in range(0, len(entries), args.batch_size)]
+    batches = batches[rank::world_size]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(model),
+                                         num_workers=1)
+    with open_partial(partial) as f, tqdm(total=sum(map(len, batches)), unit="utt", disable=rank != 0) as progress:
+        for keys, batch, errors in loader:
+            texts = []
+            if batch is not None:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                texts = model.generate(**batch, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+            append_records(f, [dict(key=k, text=one_line(t)) for k, t in zip(keys, texts)]
+                           + [dict(key=k, error=reason) for k, reason in errors.items()])
+            progress.update(len(keys) + len(errors))
+
+
+def write_results(result_path: Path, entries: list[dict], problems: list[dict]) -> tuple[dict, dict]:
+    """Merge every partial file and the check pass's problems into the result and errors files (input
+    order), then delete the partials. -> hyps, errors (keys -> text / reason)."""
+    records = read_partials(result_path)
+    hyps = {key: r["text"] for key, r in records.items() if "text" in r}
+    errors = {p["key"]: p["reason"] for p in problems} | {key: r["error"] for key, r in records.items() if "error" in r}
+    missing = [e["key"] for e in entries if e["key"] not in hyps and e["key"] not in errors]
+    if missing:  # a bug, not bad input: never write an incomplete result
+        raise RuntimeError(f"no result for {len(missing)} keys, e.g. {missing[:5]}")
+    write_atomically(result_path, [f"{e['key']}\t{hyps.get(e['key'], '')}\n" for e in entries])
+    write_atomically(Path(f"{result_path}.errors"), [f"{e['key']}\t{errors[e['key']]}\n" for e in entries
+                                                     if e["key"] in errors])
+    for path in partial_paths(result_path):
+        path.unlink()
+    return {e["key"]: hyps.get(e["key"], "") for e in entries}, errors
+
+
 def main(argv=None):
     args = parse_args(argv)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = SpeechLLM.from_pretrained(args.model_dir, dtype, whisper_model=args.whisper_model_name_or_path,
-                                      llm_model=args.llm_model_name_or_path).to(args.device)
+    entries = read_jsonl(args.data_path)  # a malformed line stops the run before the model is loaded
+    rank, world_size, device = setup_distributed(args.device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = SpeechLLM.from_pretrained(args.model_dir, dtype, trust_remote_code=args.trust_remote_code,
+                                      whisper_model=args.whisper_model_name_or_path,
+                                      llm_model=args.llm_model_name_or_path).to(device)
     if args.instruction:
         model.config.instruction = args.instruction
-    entries = read_jsonl(args.data_path)
-    dataset = SpeechDataset(entries, model.n_mels, model.config.instruction, model.config.pad_to_30s)
-    durations = [audio_duration(e) for e in entries]
-    # Longest first: batches of similar length waste little padding, and memory peaks at once.
-    order = sorted(range(len(entries)), key=lambda i: -durations[i])
-    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collator(model, inference=True),
-                                         num_workers=1)
+    usable, problems = check_entries(entries, model, for_training=False)
 
-    hyps = {}
+    result_path = Path(args.result_path)
+    done = read_partials(result_path)
+    barrier(world_size)  # every rank has read the same partials before any rank appends to them
+    todo = [e for e in usable if e["key"] not in done]
     start = time.perf_counter()
-    with tqdm(total=len(entries), unit="utt") as progress:
-        for indices, batch in zip(batches, loader):
-            batch = {k: v.to(args.device) for k, v in batch.items()}
-            texts = model.generate(**batch, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-            for i, text in zip(indices, texts):
-                hyps[entries[i]["key"]] = one_line(text)
-            progress.update(len(indices))
+    decode(model, todo, args, device, rank, world_size, Path(f"{result_path}.partial{rank}"))
+    barrier(world_size)  # every share is on disk
     elapsed = time.perf_counter() - start
+    if rank != 0:
+        return None
 
-    with open(args.result_path, "w", encoding="utf-8") as f:
-        for entry in entries:
-            f.write(f"{entry['key']}\t{hyps[entry['key']]}\n")
-    audio_seconds = sum(durations)
-    print(f"{len(entries)} utterances, {audio_seconds:.1f} s of audio in {elapsed:.1f} s: "
-          f"{len(entries) / elapsed:.2f} utt/s, RTF {elapsed / max(audio_seconds, 1e-9):.4f}")
+    hyps, errors = write_results(result_path, entries, problems)
+    audio_seconds = sum(e["duration"] for e in todo)
+    print(f"{len(todo)} utterances, {audio_seconds:.1f} s of audio in {elapsed:.1f} s: "
+          f"{len(todo) / elapsed:.2f} utt/s, RTF {elapsed / max(audio_seconds, 1e-9):.4f}")
+    if done:
+        print(f"{len([e for e in entries if e['key'] in done])} utterances were decoded by an earlier run (resumed)")
+    print(f"{len(errors)} of {len(entries)} utterances failed" + (
+        f" ({count_reasons(errors.values())}): empty lines in {result_path}, reasons in {result_path}.errors"
+        if errors else ""))
     refs = {e["key"]: e["txt"] for e in entries if isinstance(e.get("txt"), str)}
     if refs:  # the same scoring as compute_wer.py
         print(format_report(score(refs, hyps, args.lang)))
@@ -75,4 +202,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:  # the message names file:line; a traceback would only hide it
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():  # live gloo threads can abort the interpreter's exit
+            dist.destroy_process_group()

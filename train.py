@@ -7,9 +7,11 @@
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -19,8 +21,9 @@ from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from data import Collator, LengthGroupedSampler, SpeechDataset, audio_duration, read_jsonl
-from model import SpeechLLM, SpeechLLMConfig
+from data import (Collator, InputError, LengthGroupedSampler, SpeechDataset, check_entries, count_reasons,
+                  read_jsonl)
+from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig
 
 
 @dataclass
@@ -45,6 +48,10 @@ class DataArguments:
     length_grouped: bool = field(default=True, metadata={"help": "batches of similar duration (less padding)"})
     pad_text_to: int | None = field(default=None, metadata={
         "help": "pad every batch's tokens to at least this length (West v0: 512); only to measure its cost"})
+    max_audio_seconds: float = field(default=30.0, metadata={"help": "longer utterances are skipped (counted)"})
+    strict: bool = field(default=False, metadata={"help": "an unusable utterance is an error instead of a skip"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace a finished model in output_dir (its checkpoints go too); without it that is an error"})
 
 
 def setup_distributed(argv: list[str]) -> list[str]:
@@ -63,6 +70,79 @@ def setup_distributed(argv: list[str]) -> list[str]:
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
     return argv + ["--accelerator_config", json.dumps({"use_configured_state": True})]
+
+
+def prepare_output_dir(args: TrainingArguments, overwrite: bool):
+    """A finished model is never silently replaced. A dir holding only checkpoints is a killed run: resume it."""
+    output_dir = Path(args.output_dir)
+    if not ((output_dir / WEIGHTS_NAME).exists() and (output_dir / CONFIG_NAME).exists()):
+        return
+    if not overwrite:
+        raise InputError(f"{output_dir} already holds a trained model ({WEIGHTS_NAME}, {CONFIG_NAME}); "
+                         "pass --overwrite_output_dir to train it again, or choose another --output_dir")
+    with args.main_process_first(local=False):  # rank 0 clears it; the other ranks then find nothing to clear
+        if args.process_index == 0:
+            for path in [output_dir / WEIGHTS_NAME, output_dir / CONFIG_NAME, *output_dir.glob("checkpoint-*")]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def checked_entries(path: str, model, data_args: DataArguments, skipped_log: Path, is_main: bool) -> list[dict]:
+    """read_jsonl + the shared check pass: unusable utterances are skipped (appended to skipped_log with
+    their reason, counted in a summary), or with --strict stop the run before any training step."""
+    entries = read_jsonl(path)
+    usable, problems = check_entries(entries, model, for_training=True, max_audio_seconds=data_args.max_audio_seconds)
+    counts = count_reasons(p["reason"] for p in problems)
+    if problems and data_args.strict:
+        listing = "\n".join(f"  {p['where']}: {p['wav']}: {p['reason']}" for p in problems[:20])
+        raise InputError(f"{len(problems)} of {len(entries)} utterances in {path} cannot be used ({counts}):\n{listing}")
+    if not usable:
+        raise InputError(f"no usable utterance in {path} ({counts})")
+    if is_main and problems:
+        log_skipped(skipped_log, problems)
+        print(f"{path}: skipped {len(problems)} of {len(entries)} utterances ({counts}), listed in {skipped_log}",
+              flush=True)
+    return usable
+
+
+def log_skipped(skipped_log: Path, problems: list[dict]):
+    """One json line per skipped utterance. Appended with one write each: ranks and dataloader workers
+    share the file."""
+    with open(skipped_log, "a", encoding="utf-8") as f:
+        for p in problems:
+            f.write(json.dumps({k: p[k] for k in ("key", "wav", "where", "reason")}, ensure_ascii=False) + "\n")
+
+
+def print_skip_summary(skipped_log: Path):
+    """All skips of the run, the check pass's and those found while loading audio (once per key)."""
+    if not skipped_log.exists():
+        return
+    problems = list({p["key"]: p for p in map(json.loads, skipped_log.read_text().splitlines())}.values())
+    if problems:
+        print(f"skipped {len(problems)} utterances in all ({count_reasons(p['reason'] for p in problems)}), "
+              f"listed in {skipped_log}")
+
+
+class SkippingDataset(SpeechDataset):
+    """Audio that passed the check pass can still fail to decode (corrupt data behind a good header):
+    it is logged and the next utterance takes its place, so every rank still gets full batches (a rank
+    short of a batch would hang the others). Reading every file up front instead would cost a full
+    pass over the audio before the first step."""
+
+    def __init__(self, *args, skipped_log: Path, strict: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped_log, self.strict = skipped_log, strict
+
+    def __getitem__(self, i) -> dict:
+        for j in range(i, i + len(self)):
+            item = super().__getitem__(j % len(self))
+            if "error" not in item:
+                return item
+            entry = dict(self.entries[j % len(self)], reason=item["error"])
+            if self.strict:
+                raise InputError(f"{entry['where']}: {entry['wav']}: {entry['reason']}")
+            print(f"warning: skipped {entry['where']}: {entry['wav']}: {entry['reason']}", file=sys.stderr, flush=True)
+            log_skipped(self.skipped_log, [entry])
+        raise InputError("no audio file of the data set could be read")
 
 
 def free_port() -> int:
@@ -142,6 +222,11 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
     args.remove_unused_columns = False  # our batches are dicts of tensors the model takes as they are
     args.label_names = ["labels"]
 
+    prepare_output_dir(args, data_args.overwrite_output_dir)
+    for path in [data_args.data_path, data_args.eval_data_path]:  # format errors stop the run before any work
+        if path:
+            read_jsonl(path)
+
     set_seed(args.seed)  # the projector's initialization, like everything else, follows --seed
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     config = SpeechLLMConfig(
@@ -152,12 +237,19 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
     if model_args.init_projector:
         model.load_projector(model_args.init_projector)
 
+    skipped_log = Path(args.output_dir) / "skipped.jsonl"  # written only if something is skipped
+    if args.process_index == 0:
+        skipped_log.parent.mkdir(parents=True, exist_ok=True)
+        skipped_log.unlink(missing_ok=True)  # this run's skips only
+
     def dataset(path):
-        return SpeechDataset(read_jsonl(path), model.n_mels, config.instruction, config.pad_to_30s)
+        entries = checked_entries(path, model, data_args, skipped_log, args.process_index == 0)
+        return SkippingDataset(entries, model.n_mels, config.instruction, config.pad_to_30s,
+                               skipped_log=skipped_log, strict=data_args.strict)
 
     train_dataset = dataset(data_args.data_path)
     eval_dataset = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
-    train_durations = [audio_duration(e) for e in train_dataset.entries] if data_args.length_grouped else None
+    train_durations = [e["duration"] for e in train_dataset.entries] if data_args.length_grouped else None
     trainer = ProjectorTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=Collator(model, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
@@ -165,10 +257,16 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
     last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model(args.output_dir)
+    if args.process_index == 0:
+        print_skip_summary(skipped_log)
     return trainer
 
 
 if __name__ == "__main__":
-    main()
-    if torch.distributed.is_initialized():  # live gloo threads can abort the interpreter's exit
-        torch.distributed.destroy_process_group()
+    try:
+        main()
+    except InputError as e:  # the message names the file (and line): a traceback would only hide it
+        sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_initialized():  # live gloo threads can abort the interpreter's exit
+            torch.distributed.destroy_process_group()
