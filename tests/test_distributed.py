@@ -1,4 +1,5 @@
-"""Two CPU ranks (gloo) under torchrun: ZeRO-3, ZeRO-2 and plain DDP really train one model together."""
+"""Two CPU ranks (gloo) under torchrun: ZeRO-3, ZeRO-2 and plain DDP really train one model together;
+recognize.py decodes one test set on two ranks into the single-process result."""
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, synth_audio, write_corpus
+from helpers.bad_audio import write_damaged_flac
 from safetensors.torch import load_file
 
 from model import SpeechLLM
@@ -101,3 +103,38 @@ def test_resume_after_crash_is_bit_exact(mode, tmp_path, tiny_llm_dir, tiny_whis
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_two_ranks_decode_into_the_single_process_result(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "model")
+    jsonl = write_corpus(tmp_path / "data", TRANSCRIPTS, [1.0, 1.6, 0.7, 1.3, 0.9, 1.1, 1.5, 1.2])
+    write_damaged_flac(tmp_path / "data" / "damaged.flac")  # fails on whichever rank decodes it
+    with open(jsonl, "a") as f:
+        f.write(json.dumps({"key": "damaged", "wav": "damaged.flac"}) + "\n")
+        f.write(json.dumps({"key": "gone", "wav": "gone.wav"}) + "\n")  # found by the check pass
+    helper = str(ROOT / "tests" / "helpers" / "traced_recognize.py")
+
+    def recognize(name, launcher):
+        trace, result_path = tmp_path / f"trace_{name}", tmp_path / f"{name}.txt"
+        trace.mkdir()
+        cmd = [sys.executable, *launcher, helper, "--model_dir", str(tmp_path / "model"), "--data_path", str(jsonl),
+               "--result_path", str(result_path), "--batch_size", "2", "--max_new_tokens", "6"]
+        env = dict(os.environ, TRACE_DIR=str(trace), OMP_NUM_THREADS="1")
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        decoded = {int(p.stem.removeprefix("rank")): [k for line in open(p) for k in json.loads(line)["keys"]]
+                   for p in trace.glob("rank*.jsonl")}
+        return result_path, decoded
+
+    single, single_decoded = recognize("single", [])
+    merged, rank_decoded = recognize("two_ranks", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    assert merged.read_bytes() == single.read_bytes()
+    errors = (tmp_path / "two_ranks.txt.errors").read_text()
+    assert errors == (tmp_path / "single.txt.errors").read_text() == "damaged\tunreadable\ngone\tmissing\n"
+    assert not list(tmp_path.glob("two_ranks.txt.partial*"))
+    # each rank decoded its own share: disjoint, together everything the single process decoded
+    assert set(rank_decoded) == {0, 1} and rank_decoded[0] and rank_decoded[1]
+    assert not set(rank_decoded[0]) & set(rank_decoded[1])
+    assert sorted(rank_decoded[0] + rank_decoded[1]) == sorted(single_decoded[0]) == sorted(
+        [f"utt{i}" for i in range(8)] + ["damaged"])
