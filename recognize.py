@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from compute_wer import format_report, score
 from data import Collator, InputError, SpeechDataset, check_entries, count_reasons, read_jsonl
-from model import SpeechLLM
+from model import CONFIG_NAME, SpeechLLM
 
 
 def parse_args(argv=None):
@@ -166,6 +166,8 @@ def write_results(result_path: Path, entries: list[dict], problems: list[dict]) 
 def main(argv=None):
     args = parse_args(argv)
     entries = read_jsonl(args.data_path)  # a malformed line stops the run before the model is loaded
+    if not (Path(args.model_dir) / CONFIG_NAME).is_file():
+        raise InputError(f"{args.model_dir}: not a model directory (no {CONFIG_NAME}; train.py writes one)")
     rank, world_size, device = setup_distributed(args.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = SpeechLLM.from_pretrained(args.model_dir, dtype, trust_remote_code=args.trust_remote_code,

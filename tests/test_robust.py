@@ -364,3 +364,13 @@ def test_whisper_checkpoint_cannot_run_pickled_code(tmp_path, tiny_whisper_path)
     assert not marker.exists()
     torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is real: a full unpickle runs it
     assert marker.exists()
+
+
+def test_recognize_names_a_model_dir_that_is_not_one(tmp_path):
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"key": "a", "wav": "a.wav"}\n')
+    result = run("recognize.py", "--model_dir", tmp_path / "no_model", "--data_path", jsonl,
+                 "--result_path", tmp_path / "result.txt")
+    assert result.returncode == 1
+    assert f"error: {tmp_path / 'no_model'}: not a model directory" in result.stderr
+    assert "Traceback" not in result.stderr
