@@ -86,10 +86,10 @@ def prepare_output_dir(args: TrainingArguments, overwrite: bool):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def checked_entries(path: str, model, data_args: DataArguments, skipped_log: Path, is_main: bool) -> list[dict]:
-    """read_jsonl + the shared check pass: unusable utterances are skipped (appended to skipped_log with
-    their reason, counted in a summary), or with --strict stop the run before any training step."""
-    entries = read_jsonl(path)
+def checked_entries(path: str, entries: list[dict], model, data_args: DataArguments, skipped_log: Path,
+                    is_main: bool) -> list[dict]:
+    """The shared check pass over path's entries: unusable utterances are skipped (appended to skipped_log
+    with their reason, counted in a summary), or with --strict stop the run before any training step."""
     usable, problems = check_entries(entries, model, for_training=True, max_audio_seconds=data_args.max_audio_seconds)
     counts = count_reasons(p["reason"] for p in problems)
     if problems and data_args.strict:
@@ -223,9 +223,8 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
     args.label_names = ["labels"]
 
     prepare_output_dir(args, data_args.overwrite_output_dir)
-    for path in [data_args.data_path, data_args.eval_data_path]:  # format errors stop the run before any work
-        if path:
-            read_jsonl(path)
+    # format errors stop the run before any model is loaded
+    manifests = {path: read_jsonl(path) for path in [data_args.data_path, data_args.eval_data_path] if path}
 
     set_seed(args.seed)  # the projector's initialization, like everything else, follows --seed
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
         skipped_log.unlink(missing_ok=True)  # this run's skips only
 
     def dataset(path):
-        entries = checked_entries(path, model, data_args, skipped_log, args.process_index == 0)
+        entries = checked_entries(path, manifests[path], model, data_args, skipped_log, args.process_index == 0)
         return SkippingDataset(entries, model.n_mels, config.instruction, config.pad_to_30s,
                                skipped_log=skipped_log, strict=data_args.strict)
 

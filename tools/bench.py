@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from compute_wer import score  # noqa: E402
 from data import SAMPLE_RATE, Collator, LengthGroupedSampler, load_audio, log_mel, read_jsonl  # noqa: E402
 from model import SpeechLLM, SpeechLLMConfig, load_whisper  # noqa: E402
+from whisper_baseline import whisper_transcribe  # noqa: E402  (tools/, this file's folder)
 
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's default (physical cores), before a setting changes it
@@ -226,14 +227,11 @@ def measure_whisper(args) -> dict:
     """openai-whisper's own transcribe, one clip at a time: greedy (temperature 0, no fallback), fp32."""
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
     clips, whisper_model = load_clips(args), load_whisper(args.anchor_whisper).eval()
-    language = None if whisper_model.is_multilingual else "en"
     times = []
     for _ in range(args.repeats):
         start, hyps = time.perf_counter(), {}
         for clip in clips:
-            result = whisper_model.transcribe(clip["audio"], language=language, temperature=0.0, fp16=False,
-                                              condition_on_previous_text=False)
-            hyps[clip["key"]] = " ".join(result["text"].split())
+            hyps[clip["key"]] = whisper_transcribe(whisper_model, clip["audio"])
         times.append(time.perf_counter() - start)
     elapsed = statistics.median(times)
     refs = {c["key"]: c["txt"] for c in clips}

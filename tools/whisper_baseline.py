@@ -19,6 +19,15 @@ from data import SAMPLE_RATE, load_audio, read_jsonl  # noqa: E402
 from model import load_whisper  # noqa: E402
 
 
+def whisper_transcribe(whisper_model, samples, beam_size: int | None = None) -> str:
+    """Whisper's own decoding of one 16 kHz clip, as a user runs it: temperature 0 without fallback,
+    fp32, English for an .en model; the text on one line."""
+    language = None if whisper_model.is_multilingual else "en"
+    result = whisper_model.transcribe(samples, language=language, temperature=0.0, fp16=False, beam_size=beam_size,
+                                      condition_on_previous_text=False)
+    return " ".join(result["text"].split())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", required=True)
@@ -29,15 +38,12 @@ def main(argv=None):
 
     model = load_whisper(args.whisper_model).eval()
     entries = read_jsonl(args.data_path)
-    language = "en" if not model.is_multilingual else None
     hyps, audio_seconds = {}, 0.0
     start = time.perf_counter()
     for entry in entries:
         samples = load_audio(entry["wav"])
         audio_seconds += len(samples) / SAMPLE_RATE
-        result = model.transcribe(samples, language=language, temperature=0.0, fp16=False,
-                                  beam_size=args.beam_size, condition_on_previous_text=False)
-        hyps[entry["key"]] = " ".join(result["text"].split())
+        hyps[entry["key"]] = whisper_transcribe(model, samples, args.beam_size)
     elapsed = time.perf_counter() - start
 
     Path(args.result_path).write_text("".join(f"{e['key']}\t{hyps[e['key']]}\n" for e in entries), encoding="utf-8")
