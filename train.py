@@ -269,3 +269,9 @@ if __name__ == "__main__":
     finally:
         if torch.distributed.is_initialized():  # live gloo threads can abort the interpreter's exit
             torch.distributed.destroy_process_group()
+    # Everything is saved by now. Under torchrun, C++ threads still joinable at interpreter teardown
+    # now and then abort it ("terminate called without an active exception", exit -6), which torchrun
+    # reports as a failed run: leave without running those destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
