@@ -4,6 +4,7 @@ Read top to bottom: loading the pretrained parts, the encoder forward on trimmed
 the projector, prompt building with the LLM's chat template, the merge of audio embeddings
 into the text embeddings, and the SpeechLLM module (forward, generate, save/load).
 """
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -211,6 +212,11 @@ def num_audio_tokens(num_mel_frames: int, kernel: int) -> int:
     return full_windows * tokens_per_window(N_FRAMES_30S) + (tokens_per_window(rest) if rest else 0)
 
 
+def max_transcript_tokens(audio_seconds: float) -> int:
+    """The decoding length bound for audio of this duration: 8 tokens/s is beyond fast speech."""
+    return 16 + 8 * math.ceil(audio_seconds)
+
+
 def whisper_encode(encoder: whisper.model.AudioEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor):
     """Whisper's encoder on inputs of any length <= 30 s. Padded frames are masked out of the
     convolutions and the attention, so a batched utterance encodes exactly as it would alone.
@@ -239,20 +245,27 @@ def _masked_self_attention(attn, x, attn_mask):
 
 class Projector(nn.Module):
     """Conv1d(kernel=stride=k) stacks k encoder frames into one audio token, then a 2-layer MLP
-    maps it into the LLM's embedding space. k=5 on Whisper's 50 frames/s = 10 tokens/s."""
+    maps it into the LLM's embedding space. k=5 on Whisper's 50 frames/s = 10 tokens/s.
+    output_norm: a LayerNorm whose gain starts at the scale of the LLM's token embeddings. Without
+    it the audio embeddings grow to dozens of times a token embedding's norm, swamp the residual stream,
+    and the LLM's layers can no longer work on them."""
 
-    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 5, hidden: int = 2048):
+    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 5, hidden: int = 2048,
+                 output_norm: bool = True, ctc_blank: bool = False):
         super().__init__()
         self.kernel = kernel
         self.conv = nn.Conv1d(encoder_dim, encoder_dim, kernel_size=kernel, stride=kernel)
         self.linear1 = nn.Linear(encoder_dim, hidden)
         self.linear2 = nn.Linear(hidden, llm_dim)
+        self.norm = nn.LayerNorm(llm_dim) if output_norm else nn.Identity()
+        # training only: the CTC blank's "token embedding" (see ctc_loss); unused in decoding
+        self.ctc_blank = nn.Parameter(torch.zeros(llm_dim)) if ctc_blank else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T', encoder_dim), zero beyond each utterance's valid frames
         x = F.pad(x, (0, 0, 0, -x.shape[1] % self.kernel))  # (B, ceil(T'/k)*k, encoder_dim)
         x = F.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)  # (B, ceil(T'/k), encoder_dim)
-        return self.linear2(F.relu(self.linear1(x)))  # (B, ceil(T'/k), llm_dim)
+        return self.norm(self.linear2(F.relu(self.linear1(x))))  # (B, ceil(T'/k), llm_dim)
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,6 +360,8 @@ class SpeechLLMConfig:
     llm_model: str  # hub id, local dir, .gguf file or a `bundled:` name
     projector_kernel: int = 5
     projector_hidden: int = 2048
+    projector_output_norm: bool = True
+    ctc_weight: float = 0.0  # training: + ctc_weight * ctc_loss (audio embeddings vs the transcript's tokens)
     instruction: str = "Transcribe the speech."
     pad_to_30s: bool = False  # Whisper's native input: every clip padded to 30 s, 300 audio tokens
 
@@ -355,6 +370,15 @@ class SpeechLLMConfig:
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def gathered_if_partitioned(params: list):
+    """DeepSpeed ZeRO-3 keeps parameters partitioned over ranks outside their module's forward: gather
+    them for a use outside it (saving; the CTC loss). Every rank must enter."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _drop_tied_aliases(module, state_dict, prefix, local_metadata):
@@ -378,7 +402,11 @@ class SpeechLLM(nn.Module):
         self.config.hidden_size = self.llm.config.hidden_size
         self.prompt = ChatPrompt(self.tokenizer)
         self.projector = Projector(self.encoder.ln_post.normalized_shape[0], self.llm.config.hidden_size,
-                                   config.projector_kernel, config.projector_hidden).to(dtype)
+                                   config.projector_kernel, config.projector_hidden,
+                                   config.projector_output_norm, config.ctc_weight > 0).to(dtype)
+        if config.projector_output_norm:  # per-dimension RMS of the token embeddings (saved weights override it)
+            token_embeds = self.llm.get_input_embeddings().weight
+            self.projector.norm.weight.data.fill_(token_embeds.float().pow(2).mean().sqrt().item())
         for module in (self.encoder, self.llm):
             module.requires_grad_(False)
         self.train(False)
@@ -389,10 +417,22 @@ class SpeechLLM(nn.Module):
         super().train(mode)
         self.encoder.eval()  # frozen parts stay in eval mode (no dropout) while the projector trains
         self.llm.eval()
+        self._checkpointing_in_training(mode)
         return self
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
+        """The Trainer's --activation_checkpointing: recompute the LLM's layers in the backward pass."""
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+        self.train(self.training)
+
+    def _checkpointing_in_training(self, mode: bool):
+        """transformers checkpoints a layer only while that layer is in training mode, but the frozen
+        LLM stays in eval mode. Flag just the checkpointed layers themselves (not their attention and
+        MLP, so no dropout switches on): with activation checkpointing on, training recomputes them."""
+        for module in self.llm.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module.training = mode
 
     @property
     def device(self):
@@ -425,7 +465,8 @@ class SpeechLLM(nn.Module):
         inputs_embeds = self.llm.get_input_embeddings()(input_ids)
         return merge_audio_embeds(inputs_embeds, self.encode_audio(mel, mel_lengths), audio_mask)
 
-    def forward(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, labels=None):
+    def forward(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, labels=None,
+                prefix_cache: bool = True):
         inputs_embeds = self.embed(mel, mel_lengths, input_ids, audio_mask)
         if labels is None:
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
@@ -434,11 +475,50 @@ class SpeechLLM(nn.Module):
         # the LLM's own (mean cross-entropy over labels != -100).
         predicts_label = (labels[:, 1:] != -100).any(0)  # (L-1,): position t predicts token t+1
         positions = predicts_label.nonzero().flatten()  # (K,)
-        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=positions)  # logits: (B, K, vocab)
+        # The frozen LLM's keys and values of the prompt's shared opening (system prompt + instruction)
+        # are the same in every sample and step: computed once, the LLM runs on the rest of each row.
+        prefix_length = self.training_prefix_length(input_ids, attention_mask, audio_mask) if prefix_cache else 0
+        past_key_values = None
+        if prefix_length > 0:
+            past_key_values = self.prefix_kv_cache(input_ids[0, :prefix_length], len(input_ids))
+        out = self.llm(inputs_embeds=inputs_embeds[:, prefix_length:], attention_mask=attention_mask,
+                       past_key_values=past_key_values, use_cache=past_key_values is not None,
+                       logits_to_keep=positions - prefix_length)  # logits: (B, K, vocab)
         targets = labels[:, 1:][:, positions]  # (B, K)
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        if self.config.ctc_weight > 0 and self.training:  # a training aid: eval loss stays the LLM's alone
+            loss = loss + self.config.ctc_weight * self.ctc_loss(inputs_embeds, audio_mask, labels)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+
+    def ctc_loss(self, inputs_embeds, audio_mask, labels) -> torch.Tensor:
+        """CTC between each utterance's audio embeddings and its transcript tokens, an embedding's
+        score for a token being its dot product with that token's (frozen) input embedding, plus a
+        learned blank. It pulls audio embeddings towards the embeddings of the words spoken, in order:
+        a direct signal that a frozen LLM otherwise has to discover through its own loss.
+        inputs_embeds: (B, L, llm_dim) with the audio spliced in; audio_mask, labels: (B, L)."""
+        num_audio_tokens = audio_mask.sum(1)  # (B,)
+        start = audio_mask.int().argmax(1)  # (B,) audio is one contiguous run per row
+        frames = torch.arange(int(num_audio_tokens.max()), device=audio_mask.device)  # (T,)
+        index = (start[:, None] + frames).clamp(max=inputs_embeds.shape[1] - 1)  # (B, T)
+        audio_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))  # (B, T, D)
+        token_embeds = self.llm.get_input_embeddings().weight  # (V, D)
+        with gathered_if_partitioned([token_embeds]):
+            scores = torch.cat([audio_embeds @ token_embeds.T, (audio_embeds @ self.projector.ctc_blank)[..., None]], -1)
+        log_probs = scores.float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1); blank = V
+        end_of_turn = len(self.prompt._pieces("")[2])  # the labels' last tokens; not spoken
+        transcripts = [row[row != -100][:-end_of_turn] for row in labels]
+        return F.ctc_loss(log_probs, torch.cat(transcripts), num_audio_tokens,
+                          torch.tensor([len(t) for t in transcripts]), blank=token_embeds.shape[0],
+                          zero_infinity=True)
+
+    def training_prefix_length(self, input_ids, attention_mask, audio_mask) -> int:
+        """Length of the shared prompt opening a training batch can take from the KV cache: 0 unless
+        the LLM is frozen, rows are right-padded (the opening at positions 0..P-1 in every row) and
+        layers are not being checkpointed (the recompute drops a KV cache)."""
+        if ((self.training and self.llm.is_activation_checkpointing) or not bool(attention_mask[:, 0].all())
+                or any(p.requires_grad for p in self.llm.parameters())):
+            return 0
+        return shared_prefix_length(input_ids, attention_mask, audio_mask)
 
     @torch.inference_mode()
     def generate_ids(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, num_beams: int = 1,
@@ -447,8 +527,8 @@ class SpeechLLM(nn.Module):
         when num_beams == 1. The encoder runs once per utterance: generate() expands the finished
         embeddings to the beams. prefix_cache: the prompt's shared opening (system prompt +
         instruction) is computed once and its KV cache reused across the batch, beams and calls."""
-        if max_new_tokens is None:  # a bound from the audio: 8 tokens/s is beyond fast speech
-            max_new_tokens = 16 + 8 * math.ceil(int(mel_lengths.max()) / 100)
+        if max_new_tokens is None:
+            max_new_tokens = max_transcript_tokens(int(mel_lengths.max()) / 100)  # 100 mel frames per second
         inputs_embeds = self.embed(mel, mel_lengths, input_ids, audio_mask)
         prefix_length = shared_prefix_length(input_ids, attention_mask, audio_mask) if prefix_cache else 0
         if prefix_length > 0:
@@ -465,11 +545,12 @@ class SpeechLLM(nn.Module):
 
     def prefix_kv_cache(self, prefix_ids: torch.Tensor, batch_size: int):
         """The LLM's KV cache of prefix_ids (P,), repeated to batch_size rows; a fresh copy each call,
-        since generate() extends it in place. Computed once per prefix, device, dtype and autocast."""
+        since the LLM extends it in place. Computed once per prefix, device, dtype and autocast."""
         autocast = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None
         key = (tuple(prefix_ids.tolist()), self.device, self.llm.dtype, autocast)
         if key not in self._prefix_caches:
-            self._prefix_caches[key] = self.llm(input_ids=prefix_ids[None], use_cache=True).past_key_values
+            with torch.no_grad():
+                self._prefix_caches[key] = self.llm(input_ids=prefix_ids[None], use_cache=True).past_key_values
         cache = copy.deepcopy(self._prefix_caches[key])
         cache.batch_repeat_interleave(batch_size)
         return cache
@@ -519,4 +600,10 @@ class SpeechLLM(nn.Module):
 
     def load_projector(self, model_dir):
         weights = load_file(Path(model_dir) / WEIGHTS_NAME)
-        self.projector.load_state_dict({k.removeprefix("projector."): v for k, v in weights.items()})
+        state_dict = {k.removeprefix("projector."): v for k, v in weights.items()}
+        # The CTC blank is a training aid: a warm start may switch --ctc_weight on or off.
+        if self.projector.ctc_blank is None:
+            state_dict.pop("ctc_blank", None)
+        elif "ctc_blank" not in state_dict:
+            state_dict["ctc_blank"] = self.projector.ctc_blank.detach().clone()
+        self.projector.load_state_dict(state_dict)

@@ -2,9 +2,8 @@
 
     torchrun --nproc_per_node=8 train.py --llm_model_name_or_path Qwen/Qwen2-1.5B-Instruct \
         --whisper_model_name_or_path large-v3 --data_path train.jsonl --output_dir exp/x \
-        --deepspeed ds_config_zero3.json --bf16 True --gradient_checkpointing
+        --deepspeed ds_config_zero3.json --bf16 True --activation_checkpointing
 """
-import contextlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from data import (Collator, InputError, LengthGroupedSampler, SpeechDataset, check_entries, count_reasons,
                   read_jsonl)
-from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig
+from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, gathered_if_partitioned
 
 
 @dataclass
@@ -32,6 +31,10 @@ class ModelArguments:
     whisper_model_name_or_path: str = field(metadata={"help": "whisper name, .pt file or CTranslate2 directory"})
     projector_kernel: int = field(default=5, metadata={"help": "encoder frames per audio token (50 frames/s)"})
     projector_hidden: int = 2048
+    projector_output_norm: bool = field(default=True, metadata={
+        "help": "LayerNorm on the audio embeddings, its gain starting at the token embeddings' scale"})
+    ctc_weight: float = field(default=0.0, metadata={
+        "help": "add ctc_weight * a CTC loss that pulls audio embeddings towards the transcript's token embeddings"})
     instruction: str = field(default="Transcribe the speech.", metadata={"help": "default; jsonl `instruction` wins"})
     pad_to_30s: bool = field(default=False, metadata={"help": "Whisper's native 30 s input (slower)"})
     cpu_bf16_autocast: bool = field(default=False, metadata={
@@ -180,7 +183,7 @@ class ProjectorTrainer(Trainer):
     def save_model(self, output_dir=None, _internal_call=False):
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        with gathered(list(model.projector.parameters()), self.is_deepspeed_enabled):
+        with gathered_if_partitioned(list(model.projector.parameters())):
             if self.args.should_save:
                 model.save_pretrained(output_dir)
 
@@ -206,15 +209,6 @@ def load_checkpoint_without_frozen(engine, checkpoint_path, load_module_strict=T
 transformers.trainer.deepspeed_load_checkpoint = load_checkpoint_without_frozen
 
 
-def gathered(params, deepspeed_enabled: bool):
-    """Under ZeRO-3 parameters are sharded over ranks; gather them to save (all ranks must enter)."""
-    if deepspeed_enabled:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def main(argv: list[str] | None = None) -> ProjectorTrainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = setup_distributed(sys.argv[1:] if argv is None else argv)
@@ -231,6 +225,7 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
     config = SpeechLLMConfig(
         whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,
         projector_kernel=model_args.projector_kernel, projector_hidden=model_args.projector_hidden,
+        projector_output_norm=model_args.projector_output_norm, ctc_weight=model_args.ctc_weight,
         instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s)
     model = SpeechLLM(config, dtype, trust_remote_code=model_args.trust_remote_code)
     if model_args.init_projector:

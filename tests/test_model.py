@@ -223,3 +223,115 @@ def test_beam_search_encodes_each_utterance_once(tiny_model):
     tiny_model.generate_ids(**batch, num_beams=4, max_new_tokens=3)
     hook.remove()
     assert encoded_rows == [2]
+
+
+def loss_and_projector_grads(model, batch, **forward_kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, **forward_kwargs).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.projector.parameters()]
+
+
+def record_layer_calls(model) -> list[int]:
+    """The sequence length each call of the LLM's first attention sees (a recompute is one more call;
+    inside the layer, since transformers keeps the layer's own hooks outside the checkpoint)."""
+    calls = []
+    model.llm.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True)
+    return calls
+
+
+def test_training_prefix_cache_gives_the_llms_loss_and_gradients_on_fewer_tokens(tiny_model):
+    loud_projector(tiny_model)
+    tiny_model.train()
+    batch = make_batch(tiny_model, [1.0, 2.4, 0.6], ["one", "two three four five", "six seven"])
+    calls = record_layer_calls(tiny_model)
+    without = loss_and_projector_grads(tiny_model, batch, prefix_cache=False)
+    with_cache = loss_and_projector_grads(tiny_model, batch)
+    again = loss_and_projector_grads(tiny_model, batch)  # from the cache computed in the previous step
+    prefix_length = len(tiny_model.prompt._pieces(INSTRUCTION)[0])
+    length = batch["input_ids"].shape[1]
+    # the prefix's own forward runs once, then every step sees the rows without it
+    assert calls == [length, prefix_length, length - prefix_length, length - prefix_length]
+    for loss, grads in (with_cache, again):
+        torch.testing.assert_close(loss, without[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads, without[1], rtol=1e-4, atol=1e-6)
+    assert min(g.abs().max() for g in without[1]) > 1e-3  # gradients well above the tolerance
+
+
+def test_activation_checkpointing_recomputes_the_frozen_llm_with_the_same_gradients(tiny_model):
+    loud_projector(tiny_model)
+    batch = make_batch(tiny_model, [1.0, 2.4], ["one", "two three four five"])
+    tiny_model.train()
+    reference = loss_and_projector_grads(tiny_model, batch, prefix_cache=False)
+    tiny_model.activation_checkpointing_enable()
+    calls = record_layer_calls(tiny_model)
+    checkpointed = loss_and_projector_grads(tiny_model, batch)
+    length = batch["input_ids"].shape[1]
+    assert calls == [length, length]  # forward + recompute in backward; no prefix cache (the recompute drops it)
+    assert not any(m.training for m in tiny_model.llm.modules() if not getattr(m, "gradient_checkpointing", False))
+    torch.testing.assert_close(checkpointed[0], reference[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(checkpointed[1], reference[1], rtol=1e-4, atol=1e-6)
+    tiny_model.eval()
+    calls.clear()
+    with torch.no_grad():
+        tiny_model(**batch)
+    prefix_length = len(tiny_model.prompt._pieces(INSTRUCTION)[0])
+    assert calls == [prefix_length, length - prefix_length]  # eval: no recompute, so the prefix cache is back
+
+
+def test_audio_embeddings_start_on_the_scale_of_token_embeddings(tiny_model):
+    token_norms = tiny_model.llm.get_input_embeddings().weight.norm(dim=-1)  # (vocab,)
+    batch = make_batch(tiny_model, [1.0, 2.4])
+    with torch.no_grad():
+        audio_norms = tiny_model.encode_audio(batch["mel"], batch["mel_lengths"]).norm(dim=-1)  # (num_audio_tokens,)
+    # LayerNorm output has unit RMS per dimension; the gain sets the RMS of the token embeddings
+    torch.testing.assert_close(audio_norms, torch.full_like(audio_norms, float(token_norms.pow(2).mean().sqrt())),
+                               rtol=1e-3, atol=0)
+
+
+def test_ctc_loss_rewards_audio_embeddings_that_spell_the_transcript(tiny_config, tmp_path):
+    from dataclasses import replace
+
+    model = SpeechLLM(replace(tiny_config, ctc_weight=1.0))
+    batch = make_batch(model, [1.0, 1.5], ["one two", "three four five"])
+    inputs_embeds = model.llm.get_input_embeddings()(batch["input_ids"])  # (B, L, D)
+    labels, audio_mask = batch["labels"], batch["audio_mask"]
+    random_audio = inputs_embeds.masked_scatter(audio_mask[..., None], torch.randn(int(audio_mask.sum()), 64))
+    # audio embeddings = the transcript's token embeddings (x10: confident), one token per frame, then blanks
+    spelled = inputs_embeds.clone()
+    with torch.no_grad():
+        model.projector.ctc_blank.copy_(torch.randn(64))
+    for row in range(2):
+        tokens = labels[row][labels[row] != -100][:-len(model.prompt._pieces("")[2])]
+        frames = audio_mask[row].nonzero().flatten()
+        assert len(frames) > len(tokens)
+        spelled[row, frames] = 10 * model.projector.ctc_blank.detach()
+        spelled[row, frames[:len(tokens)]] = 10 * model.llm.get_input_embeddings()(tokens)
+    good = model.ctc_loss(spelled, audio_mask, labels)
+    bad = model.ctc_loss(random_audio, audio_mask, labels)
+    assert good < 0.1 < 5 < bad
+    # in training, the CTC term of the spliced-in audio adds to the LLM's loss (with the prefix KV
+    # cache too) and trains the blank; in eval the loss is the LLM's alone
+    model.eval()
+    llm_loss = model(**batch).loss
+    with torch.no_grad():
+        embeds = model.embed(batch["mel"], batch["mel_lengths"], batch["input_ids"], audio_mask)
+        expected = llm_loss + model.ctc_loss(embeds, audio_mask, labels)
+    model.train()
+    for prefix_cache in (False, True):
+        torch.testing.assert_close(model(**batch, prefix_cache=prefix_cache).loss, expected)
+    out = model(**batch)
+    out.loss.backward()
+    assert model.projector.ctc_blank.grad is not None and model.projector.ctc_blank.grad.abs().sum() > 0
+    without = SpeechLLM(tiny_config)  # no blank, no CTC term
+    assert not any("ctc_blank" in name for name, _ in without.named_parameters())
+    # a warm start may switch the CTC aid off or on; the projector proper carries over
+    model.save_pretrained(tmp_path / "ctc")
+    without.load_projector(tmp_path / "ctc")
+    torch.testing.assert_close(without.projector.linear2.weight, model.projector.linear2.weight)
+    without.save_pretrained(tmp_path / "plain")
+    again = SpeechLLM(replace(tiny_config, ctc_weight=1.0))
+    again.load_projector(tmp_path / "plain")
+    torch.testing.assert_close(again.projector.conv.weight, model.projector.conv.weight)

@@ -5,6 +5,7 @@ own audio against the loss with its neighbour's audio (same texts, same prompts)
 
 Early in training the dev WER is above 100% whatever the setup (the LLM writes fluent sentences of
 its own), but this gap already shows whether the audio is being listened to: 0 means not at all.
+It also prints the audio embeddings' norm against the token embeddings'.
 """
 import argparse
 import sys
@@ -41,6 +42,12 @@ def main(argv=None):
     own_loss, other_loss = mean_loss(model, collate, own, args.batch_size), mean_loss(model, collate, neighbours, args.batch_size)
     print(f"{args.model_dir}: loss with own audio {own_loss:.3f}, with a neighbour's audio {other_loss:.3f}, "
           f"gap {other_loss - own_loss:.3f} nats/token ({len(entries)} utterances)")
+    with torch.inference_mode():  # how loud the audio is to the LLM: a spliced-in embedding vs a token's
+        batch = collate(own[: args.batch_size])
+        audio_norm = model.encode_audio(batch["mel"], batch["mel_lengths"]).norm(dim=-1).mean().item()
+    token_norm = model.llm.get_input_embeddings().weight.norm(dim=-1).mean().item()
+    print(f"mean norm of an audio embedding {audio_norm:.2f}, of a token embedding {token_norm:.2f} "
+          f"({audio_norm / token_norm:.1f}x)")
 
 
 if __name__ == "__main__":

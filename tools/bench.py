@@ -13,7 +13,8 @@ as DataLoader workers would), audio seconds per wall second. Each training setti
 of its own, which reports its own peak RSS. Decoding: from 16 kHz arrays in memory (log-mel,
 collate, generate, detokenize), longest clips first as recognize.py batches them; RTF = wall time /
 audio time. Whisper's own `transcribe` (greedy, fp32) on the same arrays is the speed anchor. Every
-time is the median of --repeats runs; WER is scored by compute_wer.score, like recognize.py.
+time is the median of --repeats runs (--west_repeats for the minutes-long West-v0 rows); every
+setting gets the same token budget; WER is scored by compute_wer.score, like recognize.py.
 """
 import argparse
 import json
@@ -35,7 +36,7 @@ import torch  # noqa: E402
 
 from compute_wer import score  # noqa: E402
 from data import SAMPLE_RATE, Collator, LengthGroupedSampler, load_audio, log_mel, read_jsonl  # noqa: E402
-from model import SpeechLLM, SpeechLLMConfig, load_whisper  # noqa: E402
+from model import SpeechLLM, SpeechLLMConfig, load_whisper, max_transcript_tokens  # noqa: E402
 from whisper_baseline import whisper_transcribe  # noqa: E402  (tools/, this file's folder)
 
 
@@ -55,13 +56,15 @@ def parse_args(argv=None):
     p.add_argument("--train_steps", type=int, default=3, help="timed steps per training setting, after one warm-up step")
     p.add_argument("--decode_batch_sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=3, help="decoding passes per setting; the median is reported")
+    p.add_argument("--west_repeats", type=int, default=1,
+                   help="decoding passes of the West-v0 rows: each takes minutes, so one keeps the run short")
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's own default")
     p.add_argument("--levers", action="store_true", help="also measure each speed lever alone")
     p.add_argument("--smoke", action="store_true", help="4 clips, one timed step, one pass: for the tiny test models (CI)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one job in a child process
     args = p.parse_args(argv)
     if args.smoke:
-        args.num_clips, args.train_steps, args.repeats = min(args.num_clips, 4), 1, 1
+        args.num_clips, args.train_steps, args.repeats, args.west_repeats = min(args.num_clips, 4), 1, 1, 1
     if args.model_dir is None:
         args.whisper = args.whisper or "bundled:whisper-tiny.en"
         args.llm = args.llm or "bundled:smollm2-135m-instruct"
@@ -79,7 +82,7 @@ class Setting:
     pad_text_to: int | None = None  # training: tokens padded to at least this length
     length_grouped: bool = True  # training: LengthGroupedSampler, else random batches
     label_logits_only: bool = True  # training: the LM head only where a label is predicted
-    prefix_cache: bool = True  # decoding: KV cache of the prompt's shared prefix
+    prefix_cache: bool = True  # training and decoding: KV cache of the prompt's shared prefix
     attention: str = "sdpa"  # the LLM's attn_implementation
     bf16_autocast: bool = False
     threads: int | None = None  # None: --threads
@@ -103,6 +106,7 @@ def training_settings(args) -> list[tuple[Setting, str | None]]:
     if args.levers:
         settings += [(replace(ours, name="ours, LM head on every position", label_logits_only=False),
                       "LM head only on label positions"),
+                     (replace(ours, name="ours, no prefix KV cache", prefix_cache=False), "prefix KV cache"),
                      (replace(ours, name="ours, random batches", length_grouped=False), "length-grouped batches"),
                      (replace(ours, name="ours, text padded to 512", pad_text_to=512), "text padded to the batch max"),
                      (replace(ours, name="ours, audio padded to 30 s", pad_to_30s=True), "trimmed audio"),
@@ -158,13 +162,16 @@ def apply(setting: Setting, model: SpeechLLM, args):
     return torch.autocast("cpu", dtype=torch.bfloat16) if setting.bf16_autocast else nullcontext()
 
 
-def training_loss(model: SpeechLLM, batch: dict, label_logits_only: bool) -> torch.Tensor:
-    if label_logits_only:
-        return model(**batch).loss
+def training_loss(model: SpeechLLM, batch: dict, setting: Setting) -> torch.Tensor:
+    if setting.label_logits_only:
+        return model(**batch, prefix_cache=setting.prefix_cache).loss
     # The LLM's own loss: logits over the whole sequence (what SpeechLLM.forward computed before)
     embeds = model.embed(batch["mel"], batch["mel_lengths"], batch["input_ids"], batch["audio_mask"])
-    return model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     use_cache=False).loss
+    prefix_length = model.training_prefix_length(batch["input_ids"], batch["attention_mask"], batch["audio_mask"])
+    prefix_length = prefix_length if setting.prefix_cache else 0
+    cache = model.prefix_kv_cache(batch["input_ids"][0, :prefix_length], len(embeds)) if prefix_length else None
+    return model.llm(inputs_embeds=embeds[:, prefix_length:], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"][:, prefix_length:], past_key_values=cache, use_cache=cache is not None).loss
 
 
 def measure_training(args, setting: Setting) -> dict:
@@ -186,7 +193,7 @@ def measure_training(args, setting: Setting) -> dict:
         start = time.perf_counter()
         batch = collate([items[i] for i in indices])
         with autocast:
-            loss = training_loss(model, batch, setting.label_logits_only)
+            loss = training_loss(model, batch, setting)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -206,15 +213,19 @@ def measure_decoding(args, settings: list[Setting]) -> list[dict]:
     audio = [clips[i]["audio"] for i in order]
     refs = {c["key"]: c["txt"] for c in clips}
     audio_seconds = sum(c["seconds"] for c in clips)
+    # One token budget for every setting, from the real duration of the longest clip: a projector
+    # given input it was not trained on (30 s padding) may not stop, and would then be timed on how
+    # far it rambles rather than on what its pipeline costs.
+    max_new_tokens = max_transcript_tokens(max(c["seconds"] for c in clips))
     results = []
     for setting in settings:
         autocast = apply(setting, model, args)
         times = []
-        for _ in range(args.repeats):
+        for _ in range(args.west_repeats if setting.name == WEST.name else args.repeats):
             start = time.perf_counter()
             with autocast:
                 texts = model.transcribe(audio, num_beams=setting.num_beams, batch_size=setting.batch_size,
-                                         prefix_cache=setting.prefix_cache)
+                                         prefix_cache=setting.prefix_cache, max_new_tokens=max_new_tokens)
             times.append(time.perf_counter() - start)
         hyps = {clips[i]["key"]: " ".join(text.split()) for i, text in zip(order, texts)}
         elapsed = statistics.median(times)
@@ -373,7 +384,8 @@ def main(argv=None):
     print(f"whisper {args.whisper or 'from the model dir'}, llm {args.llm or 'from the model dir'}; "
           f"torch threads {args.threads or DEFAULT_THREADS} (torch.get_num_threads() {DEFAULT_THREADS}, "
           f"os.cpu_count() {os.cpu_count()}); torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"medians of {args.train_steps} training steps / {args.repeats} decoding passes; "
+          f"medians of {args.train_steps} training steps / {args.repeats} decoding passes "
+          f"({args.west_repeats} for West-v0); "
           f"load average at the end {os.getloadavg()[0]:.1f}; total {elapsed:.0f} s")
     print()
     print("\n".join(training_table([r for r in train_rows], train_rows[1])))
