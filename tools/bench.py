@@ -158,6 +158,7 @@ def apply(setting: Setting, model: SpeechLLM, args):
     """Switch the per-process knobs of a setting; returns the autocast context to run it under."""
     torch.set_num_threads(setting.threads or args.threads or DEFAULT_THREADS)
     model.config.pad_to_30s = setting.pad_to_30s  # read where log-mel features are made
+    model.config.ctc_weight = 0.0  # train.py's default, whatever the model dir was trained with
     model.llm.set_attn_implementation(setting.attention)
     return torch.autocast("cpu", dtype=torch.bfloat16) if setting.bf16_autocast else nullcontext()
 
