@@ -44,7 +44,7 @@ def check_common_rows(out: str, levers: bool):
     names = [row[0] for row in training]
     assert names[:2] == ["ours: trimmed audio, length-grouped, text to batch max",
                          "West-v0: 30 s padding, text to 512, random batches"]
-    assert len(names) == 2 + 6 * levers
+    assert len(names) == 2 + 7 * levers
     for row in training:
         assert len(row) == 4 and all(number(cell) > 0 for cell in row[1:])
     assert training[1][3] == "1.00x"  # West against itself
@@ -78,6 +78,6 @@ def test_smoke_levers_table_is_complete(tmp_path, tiny_llm_dir, tiny_whisper_pat
     out = run_bench(tmp_path, tiny_llm_dir, tiny_whisper_path, "--levers")
     check_common_rows(out, levers=True)
     levers = table(out, "lever")
-    assert len(levers) == 6 + 5
+    assert len(levers) == 7 + 5
     for row in levers:
         assert len(row) == 5 and all(number(cell) > 0 for cell in row[2:])

@@ -294,21 +294,23 @@ def test_audio_embeddings_start_on_the_scale_of_token_embeddings(tiny_model):
 def test_ctc_loss_rewards_audio_embeddings_that_spell_the_transcript(tiny_config, tmp_path):
     from dataclasses import replace
 
+    torch.manual_seed(0)
     model = SpeechLLM(replace(tiny_config, ctc_weight=1.0))
     batch = make_batch(model, [1.0, 1.5], ["one two", "three four five"])
     inputs_embeds = model.llm.get_input_embeddings()(batch["input_ids"])  # (B, L, D)
     labels, audio_mask = batch["labels"], batch["audio_mask"]
     random_audio = inputs_embeds.masked_scatter(audio_mask[..., None], torch.randn(int(audio_mask.sum()), 64))
-    # audio embeddings = the transcript's token embeddings (x10: confident), one token per frame, then blanks
+    # audio embeddings = the transcript's token embeddings (x30: confident), one token per frame, then
+    # blanks; the blank on the scale of a token embedding (std 0.2), so neither outscores the other
     spelled = inputs_embeds.clone()
     with torch.no_grad():
-        model.projector.ctc_blank.copy_(torch.randn(64))
+        model.projector.ctc_blank.copy_(0.2 * torch.randn(64))
     for row in range(2):
         tokens = labels[row][labels[row] != -100][:-len(model.prompt._pieces("")[2])]
         frames = audio_mask[row].nonzero().flatten()
         assert len(frames) > len(tokens)
-        spelled[row, frames] = 10 * model.projector.ctc_blank.detach()
-        spelled[row, frames[:len(tokens)]] = 10 * model.llm.get_input_embeddings()(tokens)
+        spelled[row, frames] = 30 * model.projector.ctc_blank.detach()
+        spelled[row, frames[:len(tokens)]] = 30 * model.llm.get_input_embeddings()(tokens)
     good = model.ctc_loss(spelled, audio_mask, labels)
     bad = model.ctc_loss(random_audio, audio_mask, labels)
     assert good < 0.1 < 5 < bad

@@ -59,7 +59,7 @@ train.ProjectorTrainer.training_step = crashing_training_step
 
 trainer = train.main(sys.argv[1:])
 projector = trainer.accelerator.unwrap_model(trainer.model).projector
-with train.gathered(list(projector.parameters()), trainer.is_deepspeed_enabled):
+with model.gathered_if_partitioned(list(projector.parameters())):
     save_file({k: v.detach().clone() for k, v in projector.state_dict().items()}, TRACE / f"projector{RANK}.safetensors")
 log({"world_size": dist.get_world_size() if dist.is_initialized() else 1})
 if dist.is_initialized():
