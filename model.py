@@ -406,7 +406,8 @@ class SpeechLLM(nn.Module):
                                    config.projector_output_norm, config.ctc_weight > 0).to(dtype)
         if config.projector_output_norm:  # per-dimension RMS of the token embeddings (saved weights override it)
             token_embeds = self.llm.get_input_embeddings().weight
-            self.projector.norm.weight.data.fill_(token_embeds.float().pow(2).mean().sqrt().item())
+            with gathered_if_partitioned([token_embeds]):  # ZeRO-3 loads the LLM partitioned
+                self.projector.norm.weight.data.fill_(token_embeds.float().pow(2).mean().sqrt().item())
         for module in (self.encoder, self.llm):
             module.requires_grad_(False)
         self.train(False)
