@@ -247,8 +247,8 @@ class Projector(nn.Module):
     """Conv1d(kernel=stride=k) stacks k encoder frames into one audio token, then a 2-layer MLP
     maps it into the LLM's embedding space. k=5 on Whisper's 50 frames/s = 10 tokens/s.
     output_norm: a LayerNorm whose gain starts at the scale of the LLM's token embeddings. Without
-    it the audio embeddings grow to dozens of times a token embedding's norm, swamp the residual stream,
-    and the LLM's layers can no longer work on them."""
+    it the audio embeddings grew to 67x a token embedding's norm (tools/audio_use.py), swamped the
+    residual stream, and the LLM's layers could no longer work on them."""
 
     def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 5, hidden: int = 2048,
                  output_norm: bool = True, ctc_blank: bool = False):
