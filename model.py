@@ -305,9 +305,13 @@ class ChatPrompt:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds the specials
 
     @property
+    def end_of_turn_ids(self) -> list[int]:
+        """The tokens that close every answer (labels end with them); the same for any instruction."""
+        return self._pieces("")[2]
+
+    @property
     def eos_token_ids(self) -> list[int]:
-        end_of_turn = self._pieces("")[2]
-        return list(dict.fromkeys(end_of_turn[:1] + [self.tokenizer.eos_token_id]))
+        return list(dict.fromkeys(self.end_of_turn_ids[:1] + [self.tokenizer.eos_token_id]))
 
     def __call__(self, instruction: str, num_audio_tokens: int, transcript: str | None = None) -> dict:
         """-> input_ids, audio_mask (True at placeholders), labels (-100 except the answer + end-of-turn).
@@ -506,7 +510,7 @@ class SpeechLLM(nn.Module):
         with gathered_if_partitioned([token_embeds]):
             scores = torch.cat([audio_embeds @ token_embeds.T, (audio_embeds @ self.projector.ctc_blank)[..., None]], -1)
         log_probs = scores.float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1); blank = V
-        end_of_turn = len(self.prompt._pieces("")[2])  # the labels' last tokens; not spoken
+        end_of_turn = len(self.prompt.end_of_turn_ids)  # the labels' last tokens; not spoken
         transcripts = [row[row != -100][:-end_of_turn] for row in labels]
         return F.ctc_loss(log_probs, torch.cat(transcripts), num_audio_tokens,
                           torch.tensor([len(t) for t in transcripts]), blank=token_embeds.shape[0],

@@ -306,7 +306,7 @@ def test_ctc_loss_rewards_audio_embeddings_that_spell_the_transcript(tiny_config
     with torch.no_grad():
         model.projector.ctc_blank.copy_(0.2 * torch.randn(64))
     for row in range(2):
-        tokens = labels[row][labels[row] != -100][:-len(model.prompt._pieces("")[2])]
+        tokens = labels[row][labels[row] != -100][:-len(model.prompt.end_of_turn_ids)]
         frames = audio_mask[row].nonzero().flatten()
         assert len(frames) > len(tokens)
         spelled[row, frames] = 30 * model.projector.ctc_blank.detach()
