@@ -102,7 +102,9 @@ def text_problem(entry: dict, model, max_audio_seconds: float) -> str | None:
     if entry["duration"] > max_audio_seconds:
         return f"longer than {max_audio_seconds:g} s"
     txt = entry.get("txt")
-    if not isinstance(txt, str) or not txt.strip():
+    # "" is a transcript: silence and noise clips teach the model to say nothing. A missing or
+    # non-string txt is a mistake in the manifest.
+    if not isinstance(txt, str):
         return "no transcript"
     instruction = entry.get("instruction") or model.config.instruction
     num_tokens = len(model.prompt(instruction, model.num_audio_tokens(num_mel_frames(entry, model)), txt)["input_ids"])

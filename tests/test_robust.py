@@ -108,10 +108,11 @@ def test_check_pass_gives_each_bad_entry_its_reason(tmp_path, tiny_model):
     ])
     entries = read_jsonl(jsonl)
     usable, problems = check_entries(entries, tiny_model, for_training=True)
-    assert [e["key"] for e in usable] == ["utt0", "utt1", "damaged.flac"]
-    assert [e["duration"] for e in usable] == [1.0, 1.5, 2.0]  # from the header
+    # a blank transcript is a target ("nothing was said": silence and noise clips)
+    assert [e["key"] for e in usable] == ["utt0", "utt1", "damaged.flac", "blank_txt"]
+    assert [e["duration"] for e in usable] == [1.0, 1.5, 2.0, 1.0]  # from the header
     training_reasons = {**{name: reason for name, reason in bad_audio.items() if name != "damaged.flac"},
-                        "long": "longer than 30 s", "no_txt": "no transcript", "blank_txt": "no transcript",
+                        "long": "longer than 30 s", "no_txt": "no transcript", "blank_txt": None,
                         "huge_txt": "longer than the LLM's context (4096 tokens)", "damaged.flac": None}
     assert {p["key"]: p["reason"] for p in problems} == {k: v for k, v in training_reasons.items() if v}
     assert all(p["where"] == f"{jsonl}:{i}" for p in problems for i, e in enumerate(entries, 1) if e["key"] == p["key"])
@@ -160,7 +161,7 @@ def test_training_skips_counts_and_lists_bad_utterances(tmp_path, tiny_llm_dir, 
     bad_audio = write_bad_audio(tmp_path / "data")
     soundfile.write(tmp_path / "data" / "long.wav", synth_audio(5, 31.0), 16000)
     add_lines(jsonl, [{"key": name, "wav": name, "txt": "words"} for name in bad_audio] + [
-        {"key": "long", "wav": "long.wav", "txt": "words"}, {"key": "blank", "wav": "utt0.wav", "txt": " "},
+        {"key": "long", "wav": "long.wav", "txt": "words"}, {"key": "blank", "wav": "utt0.wav", "txt": 7},
         {"key": "huge", "wav": "utt1.wav", "txt": "hello " * 5000}])
     trained_keys = []
     collate = Collator.__call__
@@ -188,7 +189,7 @@ def test_training_skips_counts_and_lists_bad_utterances(tmp_path, tiny_llm_dir, 
 
 def test_strict_training_stops_before_any_step(tmp_path, tiny_llm_dir, tiny_whisper_path):
     jsonl = write_corpus(tmp_path / "data", ["one", "two"], [1.0, 1.2])
-    add_lines(jsonl, [{"key": "gone", "wav": "gone.wav", "txt": "x"}, {"key": "blank", "wav": "utt0.wav", "txt": ""}])
+    add_lines(jsonl, [{"key": "gone", "wav": "gone.wav", "txt": "x"}, {"key": "blank", "wav": "utt0.wav", "txt": None}])
     with pytest.raises(InputError) as error:
         train.main(train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, "--strict", "True"))
     assert str(error.value) == (f"2 of 4 utterances in {jsonl} cannot be used (1 missing, 1 no transcript):\n"
