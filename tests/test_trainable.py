@@ -1,0 +1,168 @@
+"""What trains: the projector, + LoRA on the LLM, + the encoder's top blocks, the whole LLM. Exactly the
+chosen weights get gradients and change, they (and only they) are saved and load back, bf16 weights
+run forward, backward and generate, and the decoding prefix cache follows weight changes."""
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_model import make_batch
+
+from model import LLM_DIR, WEIGHTS_NAME, SpeechLLM
+
+SETTINGS = {
+    "projector": {},
+    "lora": dict(lora_rank=4),
+    "encoder_top1": dict(train_encoder_layers=1),
+    "lora+encoder_all": dict(lora_rank=4, train_encoder_layers=-1),
+    "llm": dict(train_llm=True),
+}
+
+
+def expected_trained(name: str, setting: str) -> bool:
+    if name.startswith("projector."):
+        return True
+    if name.startswith("encoder."):
+        return ((setting == "encoder_top1" and name.startswith(("encoder.blocks.1.", "encoder.ln_post.")))
+                or (setting == "lora+encoder_all" and name.startswith(("encoder.blocks.", "encoder.ln_post."))))
+    return setting == "llm" or (setting.startswith("lora") and ".lora_" in name)
+
+
+def build(tiny_config, setting, dtype=torch.float32, **extra) -> SpeechLLM:
+    torch.manual_seed(0)
+    return SpeechLLM(replace(tiny_config, **SETTINGS[setting], **extra), dtype)
+
+
+def train_steps(model, steps=2, lr=1e-2):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = make_batch(model, [1.0, 1.6], ["hello world", "good morning to you"])
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    model.eval()
+    return batch
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_exactly_the_chosen_weights_train(tiny_config, setting):
+    model = build(tiny_config, setting)
+    names = {name for name, _ in model.named_parameters()}
+    assert set(model.trainable_parameters()) == {n for n in names if expected_trained(n, setting)}
+    if setting.startswith("lora"):
+        assert any(".lora_A." in n for n in names) and any("mlp.down_proj.lora_B" in n for n in names)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    # two steps: a LoRA B starts at zero, so its A gets a zero gradient in the first
+    train_steps(model, steps=2)
+    for name, param in model.named_parameters():
+        if expected_trained(name, setting):
+            assert param.grad is not None and not torch.equal(param, before[name]), name
+        else:
+            assert param.grad is None and torch.equal(param, before[name]), name
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_training_prefix_cache_only_for_a_frozen_llm(tiny_config, setting):
+    """The prompt opening's keys and values depend on LoRA / LLM weights that train: never cached."""
+    model = build(tiny_config, setting)
+    model.train()
+    batch = make_batch(model, [1.0, 1.6], ["hello", "good morning"])
+    prefix = model.training_prefix_length(batch["input_ids"], batch["attention_mask"], batch["audio_mask"])
+    assert (prefix > 0) == (setting in ("projector", "encoder_top1"))
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_save_then_from_pretrained_reproduces_outputs(tiny_config, setting, tmp_path):
+    model = build(tiny_config, setting)
+    batch = train_steps(model)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    # the model dir holds exactly what trained; a fully fine-tuned LLM as an HF model dir of its own
+    assert set(saved) == {n for n in model.trainable_parameters() if setting != "llm" or not n.startswith("llm.")}
+    assert (tmp_path / LLM_DIR / "config.json").exists() == (setting == "llm")
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    # a fully fine-tuned model is rebuilt from its own LLM dir: the base LLM is not needed
+    assert loaded.config == replace(model.config, llm_model=str(tmp_path / LLM_DIR) if setting == "llm"
+                                    else model.config.llm_model)
+    for name, param in loaded.state_dict().items():
+        assert torch.equal(param, model.state_dict()[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_merged_lora_decodes_like_unmerged(tiny_config, tmp_path):
+    model = build(tiny_config, "lora", lora_alpha=64.0)
+    train_steps(model, steps=3, lr=5e-2)
+    model.save_pretrained(tmp_path)
+    batch = make_batch(model, [1.0, 2.0, 1.4], inference=True)
+    unmerged = model.generate_ids(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    merged_model = SpeechLLM.from_pretrained(tmp_path, merge_lora=True)
+    merged = merged_model.generate_ids(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(merged.sequences, unmerged.sequences)
+    torch.testing.assert_close(torch.stack(merged.scores), torch.stack(unmerged.scores), rtol=1e-4, atol=1e-4)
+    # and the adapters matter: without them the model decodes otherwise
+    base = SpeechLLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if ".lora_B." in name:
+                param.zero_()
+    plain = base.generate_ids(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    assert not torch.allclose(torch.stack(plain.scores), torch.stack(unmerged.scores), atol=1e-3)
+    with pytest.raises(ValueError, match="merged"):
+        merged_model.save_pretrained(tmp_path / "again")
+
+
+@pytest.mark.parametrize("setting", ["lora", "llm"])
+def test_decoding_prefix_cache_does_not_outlive_a_weight_change(tiny_config, setting):
+    model = build(tiny_config, setting)
+    batch = make_batch(model, [1.0, 1.7], inference=True)
+
+    def scores(prefix_cache):
+        out = model.generate_ids(**batch, max_new_tokens=4, prefix_cache=prefix_cache, output_scores=True,
+                                 return_dict_in_generate=True)
+        return torch.stack(out.scores)
+
+    first = scores(prefix_cache=True)  # fills the cache
+    train_steps(model, steps=2, lr=5e-2)
+    after = scores(prefix_cache=True)
+    torch.testing.assert_close(after, scores(prefix_cache=False), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(after, first, atol=1e-3)  # the step did change what the LLM computes
+
+
+def test_warm_start_loads_what_the_dir_holds_and_refuses_to_drop_weights(tiny_config, tmp_path):
+    stage1 = build(tiny_config, "projector")
+    train_steps(stage1)
+    stage1.save_pretrained(tmp_path / "stage1")
+    stage2 = build(tiny_config, "lora+encoder_all")
+    stage2.load_trained(tmp_path / "stage1", warm_start=True)  # --init_from: a part of what stage 2 trains
+    for name, value in stage1.projector.state_dict().items():
+        assert torch.equal(stage2.projector.state_dict()[name], value), name
+    assert all(p.abs().sum() == 0 for n, p in stage2.named_parameters() if ".lora_B." in n)  # LoRA starts at zero
+    with pytest.raises(ValueError, match="lacks"):  # from_pretrained-style loading is exact
+        stage2.load_trained(tmp_path / "stage1")
+    train_steps(stage2)
+    stage2.save_pretrained(tmp_path / "stage2")
+    with pytest.raises(ValueError, match="does not train"):  # its LoRA and encoder weights would be lost
+        build(tiny_config, "projector").load_trained(tmp_path / "stage2", warm_start=True)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_bf16_weights_forward_backward_generate(tiny_config, setting):
+    """The GPU path's dtype: bf16 weights everywhere (CPU runs bf16 too). Its most likely failure is a
+    dtype mismatch between the audio embeddings, LoRA adapters and the LLM."""
+    model = build(tiny_config, setting, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model.train()
+    batch = make_batch(model, [1.0, 1.6], ["hello world", "good morning"])
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.dtype == torch.bfloat16 for g in grads.values())
+    model.eval()
+    ids = model.generate_ids(**make_batch(model, [1.0, 1.6], inference=True), max_new_tokens=5, num_beams=2)
+    assert ids.shape[0] == 2 and ids.shape[1] <= 5
