@@ -1,4 +1,5 @@
-"""Two CPU ranks (gloo) under torchrun: ZeRO-3, ZeRO-2 and plain DDP really train one model together;
+"""Two CPU ranks (gloo) under torchrun: ZeRO-3, ZeRO-2 and plain DDP really train one model together
+(the projector; + LoRA and encoder blocks; the whole LLM), resume bit-exactly after a crash;
 recognize.py decodes one test set on two ranks into the single-process result."""
 import json
 import os
@@ -38,12 +39,20 @@ def traced_torchrun(tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, extra, nam
     return out, trace, records
 
 
+TRAINS = {"projector": [], "lora+encoder": ["--lora_rank", "4", "--train_encoder_layers", "1"],
+          "llm": ["--train_llm", "True"]}
+
+
+def launch_args(mode, trains):
+    return ([] if mode == "ddp" else ["--deepspeed", str(ROOT / f"ds_config_{mode}.json")]) + TRAINS[trains]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["zero3", "zero2", "ddp"])
-def test_two_ranks_train_one_model(mode, tmp_path, tiny_llm_dir, tiny_whisper_path):
+@pytest.mark.parametrize("mode,trains", [("zero3", "projector"), ("zero2", "projector"), ("ddp", "projector"),
+                                         ("zero3", "lora+encoder"), ("ddp", "lora+encoder"), ("zero3", "llm")])
+def test_two_ranks_train_one_model(mode, trains, tmp_path, tiny_llm_dir, tiny_whisper_path):
     jsonl = write_corpus(tmp_path / "data", TRANSCRIPTS, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7])
-    extra = [] if mode == "ddp" else ["--deepspeed", str(ROOT / f"ds_config_{mode}.json")]
-    out, trace, records = traced_torchrun(tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, extra)
+    out, trace, records = traced_torchrun(tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, launch_args(mode, trains))
 
     # world size 2: each step, the ranks train on different samples; the global batch is 2x per device
     assert [r["world_size"] for r in records[0] + records[1] if "world_size" in r] == [2, 2]
@@ -53,43 +62,54 @@ def test_two_ranks_train_one_model(mode, tmp_path, tiny_llm_dir, tiny_whisper_pa
         assert len(b0) == len(b1) == PER_DEVICE_BATCH
         assert not set(b0) & set(b1), (step, b0, b1)
 
-    # one model: the projector is identical on both ranks
-    p0, p1 = load_file(trace / "projector0.safetensors"), load_file(trace / "projector1.safetensors")
-    for name in p0:
-        assert torch.equal(p0[name], p1[name]), name
+    # one model: the trained weights are identical on both ranks
+    t0, t1 = load_file(trace / "trained0.safetensors"), load_file(trace / "trained1.safetensors")
+    assert any(".lora_B." in name for name in t0) == (trains == "lora+encoder")
+    assert any(name.startswith("encoder.blocks.1.") for name in t0) == (trains == "lora+encoder")
+    for name in t0:
+        assert torch.equal(t0[name], t1[name]), name
 
-    # only rank 0 writes the model files; they hold just the projector, equal to the trained one
+    # only rank 0 writes the model files; they hold just what trained, equal to the trained weights
     savers = {rank: [r["save_pretrained"] for r in records[rank] if "save_pretrained" in r] for rank in (0, 1)}
     assert savers[0] == [str(out / "checkpoint-3"), str(out)] and savers[1] == []
     saved = load_file(out / "model.safetensors")
-    assert set(saved) == {f"projector.{name}" for name in p0}
-    for name in p0:
-        assert torch.equal(saved[f"projector.{name}"], p0[name]), name
+    if trains == "llm":  # the LLM is saved as an HF model dir of its own
+        llm = load_file(out / "llm" / "model.safetensors")
+        saved |= {f"llm.{name}": value for name, value in llm.items() if f"llm.{name}" in t0}
+    assert set(saved) == set(t0)
+    for name in t0:
+        assert torch.equal(saved[name], t0[name]), name
 
-    if mode != "ddp":  # the DeepSpeed checkpoint leaves the frozen encoder and LLM out
+    # checkpoints hold what trains and its Adam state, never the frozen encoder and LLM
+    trained_bytes = sum(v.numel() * 4 for v in t0.values())
+    if mode == "ddp":
+        optim_bytes = (out / "checkpoint-3" / "optimizer.pt").stat().st_size
+        assert 2 * trained_bytes < optim_bytes < 2.5 * trained_bytes, (optim_bytes, trained_bytes)
+    else:
         step_dir = out / "checkpoint-3" / "global_step3"
         optim_bytes = sum(f.stat().st_size for f in step_dir.glob("*optim_states.pt"))
         model_bytes = sum(f.stat().st_size for f in step_dir.glob("*model_states.pt"))
-        projector_bytes = sum(v.numel() * 4 for v in p0.values())
         # fp32 master weights + two Adam moments, sharded over the ranks; the model states keep
         # only buffers (Whisper's positional table) besides the trainable parameters
-        assert 2.5 * projector_bytes < optim_bytes < 5 * projector_bytes, (optim_bytes, projector_bytes)
-        assert model_bytes < (tiny_llm_dir / "model.safetensors").stat().st_size / 10, model_bytes
+        assert 2.5 * trained_bytes < optim_bytes < 5 * trained_bytes, (optim_bytes, trained_bytes)
+        if trains != "llm":
+            assert model_bytes < (tiny_llm_dir / "model.safetensors").stat().st_size / 10, model_bytes
 
     model = SpeechLLM.from_pretrained(out)
-    for name, value in model.projector.state_dict().items():
-        assert torch.equal(value, p0[name]), name
+    trained = model.trainable_parameters()
+    for name in t0:
+        assert torch.equal(trained[name], t0[name]), name
     assert len(model.transcribe([synth_audio(0, 1.0)], num_beams=2)) == 1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["zero3", "ddp"])
-def test_resume_after_crash_is_bit_exact(mode, tmp_path, tiny_llm_dir, tiny_whisper_path):
-    """Crash at step 5 (checkpoint at 3), rerun the same command: the final projector equals an
+@pytest.mark.parametrize("mode,trains", [("zero3", "projector"), ("ddp", "projector"), ("zero3", "lora+encoder"),
+                                         ("ddp", "lora+encoder")])
+def test_resume_after_crash_is_bit_exact(mode, trains, tmp_path, tiny_llm_dir, tiny_whisper_path):
+    """Crash at step 5 (checkpoint at 3), rerun the same command: the final trained weights equal an
     uninterrupted run's bit for bit (same data order, RNG and optimizer state after resume)."""
     jsonl = write_corpus(tmp_path / "data", TRANSCRIPTS, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7])
-    extra = [] if mode == "ddp" else ["--deepspeed", str(ROOT / f"ds_config_{mode}.json")]
-    args = (tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, extra)
+    args = (tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, launch_args(mode, trains))
     straight, _, straight_records = traced_torchrun(*args, name="straight", max_steps=6)
     traced_torchrun(*args, name="crashed", max_steps=6, crash_at_step=5)
     crashed_dir = tmp_path / "expcrashed"

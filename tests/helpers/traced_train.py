@@ -1,5 +1,5 @@
 """train.py with a trace for the distributed tests: per rank, the transcripts of every batch it
-trained on, who called save_pretrained, and the rank's own copy of the final projector.
+trained on, who called save_pretrained, and the rank's own copy of the final trained weights.
     TRACE_DIR=dir [CRASH_AT_STEP=n] torchrun ... tests/helpers/traced_train.py <train.py arguments>
 CRASH_AT_STEP=n kills every rank as it starts optimizer step n (1-based), like a lost node."""
 import json
@@ -58,9 +58,9 @@ model.SpeechLLM.save_pretrained = traced_save_pretrained
 train.SpeechLLMTrainer.training_step = crashing_training_step
 
 trainer = train.main(sys.argv[1:])
-projector = trainer.accelerator.unwrap_model(trainer.model).projector
-with model.gathered_if_partitioned(list(projector.parameters())):
-    save_file({k: v.detach().clone() for k, v in projector.state_dict().items()}, TRACE / f"projector{RANK}.safetensors")
+trained = trainer.accelerator.unwrap_model(trainer.model).trainable_parameters()
+with model.gathered_if_partitioned(list(trained.values())):
+    save_file({k: v.detach().clone() for k, v in trained.items()}, TRACE / f"trained{RANK}.safetensors")
 log({"world_size": dist.get_world_size() if dist.is_initialized() else 1})
 if dist.is_initialized():
     dist.destroy_process_group()
