@@ -1,0 +1,56 @@
+"""tools/average_checkpoints.py: the mean of the trained weights, selected by step or eval loss."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import SpeechLLM
+from tools.average_checkpoints import main as average
+
+
+def save_checkpoints(model, run_dir, steps_and_losses):
+    """checkpoint-N dirs whose projector weights differ (scaled by N); the last holds the eval history."""
+    original = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    for step, _ in steps_and_losses:
+        with torch.no_grad():
+            for name, param in model.projector.named_parameters():
+                param.copy_(original[name] * step)
+        model.save_pretrained(run_dir / f"checkpoint-{step}")
+    history = [{"step": step, "eval_loss": loss} for step, loss in steps_and_losses]
+    (run_dir / f"checkpoint-{steps_and_losses[-1][0]}" / "trainer_state.json").write_text(
+        json.dumps({"log_history": history}))
+    return original
+
+
+def test_average_of_identical_checkpoints_equals_each(tiny_model, tmp_path):
+    for name in ("a", "b", "c"):
+        tiny_model.save_pretrained(tmp_path / name)
+    average(["--dirs", *(str(tmp_path / n) for n in "abc"), "--out", str(tmp_path / "avg")])
+    mean, one = load_file(tmp_path / "avg" / "model.safetensors"), load_file(tmp_path / "a" / "model.safetensors")
+    assert mean.keys() == one.keys() and all(torch.equal(mean[k], one[k]) for k in one)
+    assert SpeechLLM.from_pretrained(tmp_path / "avg").config == tiny_model.config
+
+
+def test_average_of_two_differs_from_both_last_and_best(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    original = save_checkpoints(tiny_model, run, [(1, 3.0), (2, 2.0), (3, 2.5), (4, 2.7)])
+    average([str(run), "--last", "2", "--out", str(tmp_path / "last2")])
+    mean = load_file(tmp_path / "last2" / "model.safetensors")
+    torch.testing.assert_close(mean["projector.linear1.weight"], original["linear1.weight"] * 3.5)  # (3 + 4) / 2
+    for step in (3, 4):
+        assert not torch.equal(mean["projector.linear1.weight"],
+                               load_file(run / f"checkpoint-{step}" / "model.safetensors")["projector.linear1.weight"])
+    average([str(run), "--best", "2", "--out", str(tmp_path / "best2")])  # eval losses 2.0 (step 2), 2.5 (step 3)
+    best = load_file(tmp_path / "best2" / "model.safetensors")
+    torch.testing.assert_close(best["projector.linear1.weight"], original["linear1.weight"] * 2.5)
+    with pytest.raises(SystemExit):  # never overwrites
+        average([str(run), "--last", "2", "--out", str(tmp_path / "best2")])
+
+
+def test_checkpoints_of_different_configurations_are_refused(tiny_model, tiny_config, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "a")
+    SpeechLLM(replace(tiny_config, lora_rank=2)).save_pretrained(tmp_path / "b")
+    with pytest.raises(SystemExit, match="one configuration"):
+        average(["--dirs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "avg")])

@@ -1,0 +1,93 @@
+"""Average the trained weights of several checkpoints into one model dir (FunASR's avg_nbest, a
+"model soup"): the mean of nearby points on the loss surface often decodes better than any one.
+
+    python tools/average_checkpoints.py exp/x --last 5 --out exp/x_avg5
+    python tools/average_checkpoints.py exp/x --best 3 --out exp/x_best3     # lowest eval_loss
+    python tools/average_checkpoints.py --dirs exp/x/checkpoint-1000 exp/y --out exp/avg
+
+Every safetensors file of the model dirs is averaged (model.safetensors, and llm/ when the LLM was
+fine-tuned); the other files (config, tokenizer) are copied from the first. The dirs must come from
+the same configuration.
+"""
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import CONFIG_NAME  # noqa: E402
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N dirs of a training run, by step."""
+    found = [p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def eval_losses(output_dir: Path) -> dict[int, float]:
+    """step -> eval_loss, from the newest checkpoint's trainer_state.json (it holds the whole history)."""
+    history = json.loads((checkpoints(output_dir)[-1] / "trainer_state.json").read_text())["log_history"]
+    return {log["step"]: log["eval_loss"] for log in history if "eval_loss" in log}
+
+
+def select(output_dir: Path, last: int | None, best: int | None) -> list[Path]:
+    found = checkpoints(output_dir)
+    if not found:
+        raise SystemExit(f"error: no checkpoint-N dirs in {output_dir}")
+    if last:
+        return found[-last:]
+    losses = eval_losses(output_dir)
+    scored = [p for p in found if int(p.name.split("-")[1]) in losses]
+    if len(scored) < best:
+        raise SystemExit(f"error: {len(scored)} checkpoints of {output_dir} have an eval_loss; --best {best} needs more")
+    return sorted(scored, key=lambda p: losses[int(p.name.split("-")[1])])[:best]
+
+
+def average_dirs(dirs: list[Path], out: Path):
+    configs = {(d / CONFIG_NAME).read_text() for d in dirs}
+    if len(configs) != 1:
+        raise SystemExit(f"error: {[str(d) for d in dirs]} were not trained with one configuration ({CONFIG_NAME} differ)")
+    weight_files = sorted(p.relative_to(dirs[0]) for p in dirs[0].rglob("*.safetensors"))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in weight_files:
+        tensors = [load_file(d / name) for d in dirs]
+        if any(t.keys() != tensors[0].keys() for t in tensors):
+            raise SystemExit(f"error: {name} holds different weights in {dirs}")
+        mean = {k: (sum(t[k].double() for t in tensors) / len(tensors)).to(tensors[0][k].dtype) for k in tensors[0]}
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file(mean, tmp / name)
+    # the rest of a model dir (config, an LLM dir's config and tokenizer); not a checkpoint's optimizer state
+    for path in [dirs[0] / CONFIG_NAME, *(dirs[0] / "llm").glob("*")]:
+        if path.is_file() and path.suffix != ".safetensors":
+            (tmp / path.relative_to(dirs[0])).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, tmp / path.relative_to(dirs[0]))
+    tmp.rename(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output_dir", nargs="?", type=Path, help="a training run's --output_dir")
+    p.add_argument("--last", type=int, help="the last N checkpoints")
+    p.add_argument("--best", type=int, help="the N checkpoints of lowest eval_loss")
+    p.add_argument("--dirs", nargs="+", type=Path, help="these model / checkpoint dirs instead")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if bool(args.dirs) == bool(args.output_dir) or (args.output_dir and bool(args.last) == bool(args.best)):
+        p.error("give an output_dir with one of --last N / --best N, or --dirs")
+    if args.out.exists():
+        p.error(f"{args.out} exists; choose another --out")
+    dirs = args.dirs or select(args.output_dir, args.last, args.best)
+    average_dirs(dirs, args.out)
+    print(f"averaged {len(dirs)} checkpoints ({', '.join(d.name for d in dirs)}) into {args.out}")
+
+
+if __name__ == "__main__":
+    main()
