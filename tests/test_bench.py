@@ -81,3 +81,18 @@ def test_smoke_levers_table_is_complete(tmp_path, tiny_llm_dir, tiny_whisper_pat
     assert len(levers) == 7 + 5
     for row in levers:
         assert len(row) == 5 and all(number(cell) > 0 for cell in row[2:])
+
+
+@pytest.mark.slow
+def test_smoke_trainable_table_is_complete(tmp_path, tiny_llm_dir, tiny_whisper_path):
+    out = run_bench(tmp_path, tiny_llm_dir, tiny_whisper_path, "--trainable")
+    check_common_rows(out, levers=False)
+    rows = table(out, "what trains")
+    assert [row[0] for row in rows] == ["projector", "+ LoRA r8", "+ LoRA r32", "+ encoder top 2",
+                                        "+ LoRA r8 + encoder top 2", "full LLM"]
+    params = {row[0]: number(row[1].removesuffix(" M")) for row in rows}
+    assert params["projector"] < params["+ LoRA r8"] < params["+ LoRA r32"] < params["full LLM"]
+    assert params["+ LoRA r8 + encoder top 2"] > max(params["+ LoRA r8"], params["+ encoder top 2"])
+    for row in rows:
+        assert len(row) == 6 and all(number(cell.removesuffix(" M")) > 0 for cell in row[1:])
+    assert rows[0][5] == "1.00x"

@@ -2,6 +2,7 @@
 
     python tools/bench.py                 # real offline weights, the first 32 clips of corpus/dev.jsonl
     python tools/bench.py --levers        # + one row per speed lever switched off (or on) alone
+    python tools/bench.py --trainable     # + training rows for what trains: LoRA, encoder blocks, the LLM
     python tools/bench.py --smoke --whisper tiny.pt --llm tiny_llm_dir --data_path clips.jsonl   # CI
 
 West v0 reproduced with our own flags: every clip padded to 30 s (pad_to_30s: 300 audio tokens),
@@ -24,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +38,7 @@ import torch  # noqa: E402
 
 from compute_wer import score  # noqa: E402
 from data import SAMPLE_RATE, Collator, LengthGroupedSampler, load_audio, log_mel, read_jsonl  # noqa: E402
-from model import SpeechLLM, SpeechLLMConfig, load_whisper, max_transcript_tokens  # noqa: E402
+from model import CONFIG_NAME, SpeechLLM, SpeechLLMConfig, load_whisper, max_transcript_tokens  # noqa: E402
 from whisper_baseline import whisper_transcribe  # noqa: E402  (tools/, this file's folder)
 
 
@@ -60,6 +62,7 @@ def parse_args(argv=None):
                    help="decoding passes of the West-v0 rows: each takes minutes, so one keeps the run short")
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's own default")
     p.add_argument("--levers", action="store_true", help="also measure each speed lever alone")
+    p.add_argument("--trainable", action="store_true", help="also train LoRA, encoder blocks, the whole LLM")
     p.add_argument("--smoke", action="store_true", help="4 clips, one timed step, one pass: for the tiny test models (CI)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one job in a child process
     args = p.parse_args(argv)
@@ -88,9 +91,14 @@ class Setting:
     threads: int | None = None  # None: --threads
     batch_size: int = 8
     num_beams: int = 1
+    trains: str = "projector"  # a key of TRAINS
 
 
 OURS = Setting("ours")
+# What trains besides the projector: SpeechLLMConfig fields (train.py's flags of the same names)
+TRAINS = {"projector": {}, "+ LoRA r8": dict(lora_rank=8), "+ LoRA r32": dict(lora_rank=32),
+          "+ encoder top 2": dict(train_encoder_layers=2), "+ LoRA r8 + encoder top 2": dict(lora_rank=8, train_encoder_layers=2),
+          "full LLM": dict(train_llm=True)}
 WEST = Setting("West-v0", pad_to_30s=True, pad_text_to=512, length_grouped=False)
 
 
@@ -113,6 +121,8 @@ def training_settings(args) -> list[tuple[Setting, str | None]]:
                      (replace(ours, name="ours + bf16 autocast", bf16_autocast=True), "bf16 autocast (off by default)"),
                      (replace(ours, name=f"ours, {other_threads(args)} threads", threads=other_threads(args)),
                       f"torch threads ({args.threads or DEFAULT_THREADS} instead of {other_threads(args)})")]
+    if args.trainable:
+        settings += [(replace(ours, name=f"ours, {trains}", trains=trains), "trains") for trains in TRAINS if trains != "projector"]
     return settings
 
 
@@ -147,11 +157,18 @@ def load_clips(args) -> list[dict]:
     return clips
 
 
-def build_model(args) -> SpeechLLM:
-    if args.model_dir:
+def build_model(args, trains: str = "projector") -> SpeechLLM:
+    torch.manual_seed(args.seed)  # a fresh projector (and LoRA), the same in every worker
+    if not args.model_dir:
+        return SpeechLLM(SpeechLLMConfig(whisper_model=args.whisper, llm_model=args.llm, **TRAINS[trains]))
+    if trains == "projector":
         return SpeechLLM.from_pretrained(args.model_dir, whisper_model=args.whisper, llm_model=args.llm)
-    torch.manual_seed(args.seed)  # a fresh projector, the same in every worker
-    return SpeechLLM(SpeechLLMConfig(whisper_model=args.whisper, llm_model=args.llm))
+    config = SpeechLLMConfig.from_json(Path(args.model_dir) / CONFIG_NAME)
+    config = replace(config, whisper_model=args.whisper or config.whisper_model, llm_model=args.llm or config.llm_model,
+                     **TRAINS[trains])
+    model = SpeechLLM(config)
+    model.load_trained(args.model_dir, warm_start=True)  # as train.py --init_from
+    return model
 
 
 def apply(setting: Setting, model: SpeechLLM, args):
@@ -176,7 +193,7 @@ def training_loss(model: SpeechLLM, batch: dict, setting: Setting) -> torch.Tens
 
 
 def measure_training(args, setting: Setting) -> dict:
-    clips, model = load_clips(args), build_model(args)
+    clips, model = load_clips(args), build_model(args, setting.trains)
     autocast = apply(setting, model, args)
     model.train()
     items = [dict(mel=log_mel(c["audio"], model.n_mels, setting.pad_to_30s), txt=c["txt"],
@@ -188,7 +205,8 @@ def measure_training(args, setting: Setting) -> dict:
         order = random.Random(args.seed).sample(range(len(clips)), len(clips))
     batches = [order[i:i + setting.batch_size] for i in range(0, len(order), setting.batch_size)]
     collate = Collator(model, pad_text_to=setting.pad_text_to)
-    optimizer = torch.optim.AdamW(model.projector.parameters(), lr=1e-4)
+    trainable = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
 
     def step(indices) -> float:
         start = time.perf_counter()
@@ -203,8 +221,11 @@ def measure_training(args, setting: Setting) -> dict:
     step(batches[0])  # warm-up: first-touch allocations
     timed = [batches[i % len(batches)] for i in range(args.train_steps)]
     speeds = [sum(seconds[i] for i in b) / step(b) for b in timed]  # audio seconds per wall second
-    return dict(audio_per_s=statistics.median(speeds),
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    with tempfile.TemporaryDirectory() as model_dir:  # what a checkpoint's / the model dir's weights take
+        model.save_pretrained(model_dir)
+        model_dir_mb = sum(f.stat().st_size for f in Path(model_dir).rglob("*.safetensors")) / 2**20
+    return dict(audio_per_s=statistics.median(speeds), trainable_params=sum(p.numel() for p in trainable.values()),
+                model_dir_mb=model_dir_mb, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def measure_decoding(args, settings: list[Setting]) -> list[dict]:
@@ -317,13 +338,24 @@ def decoding_table(rows, whisper_row) -> list[str]:
     return lines
 
 
+def trainable_table(train_rows) -> list[str]:
+    """What training more than the projector costs: parameters, model dir size, speed, memory."""
+    ours = train_rows[0][2]
+    lines = ["| what trains | trainable params | model dir MB (fp32) | audio s / wall s | peak RSS MB | vs projector only |",
+             "|---|---|---|---|---|---|"]
+    for setting, lever, r in [train_rows[0]] + [row for row in train_rows if row[1] == "trains"]:
+        lines.append(f"| {setting.trains} | {r['trainable_params'] / 1e6:.2f} M | {r['model_dir_mb']:.1f} "
+                     f"| {r['audio_per_s']:.2f} | {r['peak_rss_mb']:.0f} | {ratio(r['audio_per_s'], ours['audio_per_s'])} |")
+    return lines
+
+
 def levers_table(args, train_rows, decode_rows) -> list[str]:
     """What each lever buys: ours' speed / the speed with that lever alone changed."""
     ours_train = train_rows[0][2]["audio_per_s"]
     ours_decode = next(r for s, _, r in decode_rows if s == replace(OURS, batch_size=lever_batch_size(args)))
     lines = ["| lever | part | ours | with the lever changed | ours / changed |", "|---|---|---|---|---|"]
     for setting, lever, r in train_rows:
-        if lever:
+        if lever and lever != "trains":
             lines.append(f"| {lever} | training, audio s / s | {ours_train:.2f} | {r['audio_per_s']:.2f} "
                          f"| {ratio(ours_train, r['audio_per_s'])} |")
     for setting, lever, r in decode_rows:
@@ -389,7 +421,10 @@ def main(argv=None):
           f"({args.west_repeats} for West-v0); "
           f"load average at the end {os.getloadavg()[0]:.1f}; total {elapsed:.0f} s")
     print()
-    print("\n".join(training_table([r for r in train_rows], train_rows[1])))
+    print("\n".join(training_table([r for r in train_rows if r[1] != "trains"], train_rows[1])))
+    if args.trainable:
+        print()
+        print("\n".join(trainable_table(train_rows)))
     print()
     print("\n".join(decoding_table(decode_rows, whisper_row)))
     if args.levers:
