@@ -79,6 +79,27 @@ def _masked_self_attention(attn, x, attn_mask):
     return attn.out(out.transpose(1, 2).reshape(B, T, D))
 
 
+def spec_augment(mel: torch.Tensor, mel_lengths: torch.Tensor, freq_masks: int = 2, max_freq_width: float = 0.15,
+                 max_time_width: int = 40, seconds_per_time_mask: float = 2.5) -> torch.Tensor:
+    """SpecAugment (Park et al., 2019) on a batch of log-mels, training only: bands of mel bins and
+    spans of frames set to the utterance's mean. Time masks scale with each utterance's length (one
+    per 2.5 s, at most 0.4 s and a tenth of the utterance each), so a 1 s clip is not wiped out and a
+    30 s one is masked as densely. mel: (B, n_mels, T) -> the same, masked."""
+    mel = mel.clone()
+    n_mels = mel.shape[1]
+    for i, length in enumerate(mel_lengths.tolist()):
+        fill = mel[i, :, :length].mean()
+        for _ in range(freq_masks):
+            width = int(torch.randint(0, int(max_freq_width * n_mels) + 1, ()))
+            start = int(torch.randint(0, n_mels - width + 1, ()))
+            mel[i, start:start + width, :length] = fill
+        for _ in range(max(1, round(length / 100 / seconds_per_time_mask))):
+            width = int(torch.randint(0, min(max_time_width, length // 10) + 1, ()))
+            start = int(torch.randint(0, length - width + 1, ()))
+            mel[i, :, start:start + width] = fill
+    return mel
+
+
 class Projector(nn.Module):
     """Conv1d(kernel=stride=k) stacks k encoder frames into one audio token, then a 2-layer MLP
     maps it into the LLM's embedding space. k=5 on Whisper's 50 frames/s = 10 tokens/s.
@@ -240,6 +261,7 @@ class SpeechLLMConfig:
     ctc_weight: float = 0.0  # training: + ctc_weight * ctc_loss (audio embeddings vs the transcript's tokens)
     instruction: str = "Transcribe the speech."
     pad_to_30s: bool = False  # Whisper's native input: every clip padded to 30 s, 300 audio tokens
+    spec_augment: bool = False  # training only: SpecAugment masks on the log-mel
     # What trains besides the projector (see trainable_parameters); all off: projector only
     lora_rank: int = 0  # LoRA adapters on the LLM (0 = none)
     lora_alpha: float = 16.0
@@ -370,6 +392,8 @@ class SpeechLLM(nn.Module):
 
     def forward(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, labels=None,
                 prefix_cache: bool = True):
+        if self.training and self.config.spec_augment:
+            mel = spec_augment(mel, mel_lengths)
         inputs_embeds = self.embed(mel, mel_lengths, input_ids, audio_mask)
         if labels is None:
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)

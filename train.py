@@ -38,6 +38,8 @@ class ModelArguments:
         "help": "add ctc_weight * a CTC loss that pulls audio embeddings towards the transcript's token embeddings"})
     instruction: str = field(default="Transcribe the speech.", metadata={"help": "default; jsonl `instruction` wins"})
     pad_to_30s: bool = field(default=False, metadata={"help": "Whisper's native 30 s input (slower)"})
+    spec_augment: bool = field(default=False, metadata={
+        "help": "SpecAugment: frequency bands and time spans of the log-mel masked in training (never in eval)"})
     cpu_bf16_autocast: bool = field(default=False, metadata={
         "help": "CPU only: forward under torch.autocast(bfloat16), weights stay fp32 (--bf16 refuses CPU)"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA adapters of this rank on the LLM (0 = none)"})
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
         whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,
         projector_kernel=model_args.projector_kernel, projector_hidden=model_args.projector_hidden,
         projector_output_norm=model_args.projector_output_norm, ctc_weight=model_args.ctc_weight,
-        instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s, lora_rank=model_args.lora_rank,
+        instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s, spec_augment=model_args.spec_augment,
+        lora_rank=model_args.lora_rank,
         lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         lora_target_modules=model_args.lora_target_modules, train_encoder_layers=model_args.train_encoder_layers,
         train_llm=model_args.train_llm)

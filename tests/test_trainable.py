@@ -166,3 +166,25 @@ def test_bf16_weights_forward_backward_generate(tiny_config, setting):
     model.eval()
     ids = model.generate_ids(**make_batch(model, [1.0, 1.6], inference=True), max_new_tokens=5, num_beams=2)
     assert ids.shape[0] == 2 and ids.shape[1] <= 5
+
+
+def test_spec_augment_masks_only_in_training_and_within_each_utterance(tiny_config):
+    from model import spec_augment
+
+    torch.manual_seed(0)
+    mel, lengths = torch.randn(3, 80, 3000), torch.tensor([3000, 120, 60])
+    masked = spec_augment(mel, lengths)
+    for i, length in enumerate(lengths.tolist()):
+        changed = masked[i] != mel[i]
+        assert not changed[:, length:].any()  # padding stays padding
+        assert 0 < changed[:, :length].float().mean() < 0.5  # masked, not wiped out
+        assert torch.all(masked[i][changed] == mel[i, :, :length].mean())
+    model = build(tiny_config, "projector", spec_augment=True)
+    batch = make_batch(model, [1.0, 1.6], ["hello world", "good morning"])
+    with torch.no_grad():
+        eval_loss = model(**batch).loss
+        model.train()
+        train_losses = [model(**batch).loss for _ in range(2)]
+        model.eval()
+        assert torch.equal(model(**batch).loss, eval_loss)
+    assert not torch.equal(train_losses[0], train_losses[1])  # new masks each step
