@@ -131,7 +131,8 @@ def make_utterance(task) -> tuple[str, str]:
             synthesize(voice, text, raw)
         except subprocess.CalledProcessError:  # festival crashes on a few sentences: skipped, counted
             return f"failed ({voice})", key
-        subprocess.run(["sox", raw, "-r", "16000", "-c", "1", "-b", "16", clean, *effects], check=True,
+        # -R: sox's dither (added when it writes 16 bits after effects) is random unless told to repeat
+        subprocess.run(["sox", "-R", raw, "-r", "16000", "-c", "1", "-b", "16", clean, *effects], check=True,
                        stderr=subprocess.DEVNULL)
         audio, _ = soundfile.read(clean, dtype="float32")
         if len(audio) < 1600 or len(audio) > 30 * 16000:
