@@ -41,7 +41,8 @@ def dog_file(talk_key: int, joe: list[tuple[int, str]], person: list[tuple[int, 
 
 def test_dog_lines():
     data = dog_file(7, joe=[(0, "Excuse me Bob.*03"), (0x1E, "Does she live here?*04Is she nice?*02")],
-                    person=[(0x1E, "Yes.*FLShe is.*01")], again=("Back again?*01", "Yes."))
+                    person=[(0x1E, "Yes.*FLShe is.*01"), (0x1E, "Never said: the game speaks a node's first line.")],
+                    again=("Back again?*01", "Yes."))
     assert mrs.dog_lines("BOB1", data) == {
         "07SSSSJ1": ("Excuse me Bob.", "JOE"), "07SSSSJ2": ("", "JOE"),  # node 0: Joe's opening line
         "07001EJ1": ("Does she live here?", "JOE"), "07001EJ2": ("Is she nice?", "JOE"), "07001EJ3": ("", "JOE"),
@@ -71,7 +72,8 @@ def test_snap_to_the_script():
     other = dict(result, text="The weather is lovely in the mountains today.")
     labelled = mrs.label(clip, other, LINES, min_match=0.6, min_search_match=0.85)
     assert labelled["txt"] == other["text"] and labelled["label_source"] == "teacher" and "reason" not in labelled
-    # a clip the script names is confirmed against its own line only
+    # a clip the script names is confirmed against its own line only; contradicted, it is rejected
     named = dict(clip, scene="AND1", script_txt=LINES[1])
-    assert mrs.label(named, result, LINES, 0.6, 0.85)["label_source"] == "teacher"
-    assert mrs.label(named, dict(result, text="I'm a better pilot than you'll ever be"), LINES, 0.6, 0.85)["txt"] == LINES[1]
+    assert mrs.label(named, dict(result, text="I'm a better pilot than you'll ever be"), LINES, 0.5, 0.85)["txt"] == LINES[1]
+    assert mrs.label(named, result, LINES, 0.5, 0.85)["reason"] == "the teacher contradicts the script"
+    assert mrs.label(named, result, LINES, 0.5, 0.85, trust_teacher=True)["txt"] == result["text"]

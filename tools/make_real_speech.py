@@ -21,8 +21,11 @@ search. Each sentence is cut into segments at its `*NN` speech codes, and segmen
 - JOE%04d<seg>: Joe's remarks (QUEEN2.JAS text): responses 1-40, then object descriptions.
 - The rest: 136 sound effects ("105SSSSS", the game's sfx names) and 22 clips no script line names.
 A name-mapped line becomes the label when the teacher's transcript matches it (normalized character
-similarity >= --min_match); clips without a name are snapped to the closest line of the whole script
-when it matches at least --min_search_match. Sound effects are not speech and are left out.
+similarity >= --min_match); when it does not, the clip is rejected (--trust_teacher: labelled with the
+teacher's text if confident). Clips without a name (or whose line is only a stage direction such as
+<gulp>) are snapped to the closest line of the whole script when it matches at least
+--min_search_match, else labelled with the teacher's text if the teacher is confident (pseudo_label's
+filters). Sound effects are not speech and are left out.
 
 Dev: whole scene families held out (a dialogue's character, e.g. all of BOB1-5, or a cutaway's room,
 e.g. all of C18A-E), in the order of a hash of the family name until they hold enough script-named
@@ -115,7 +118,8 @@ def dog_lines(stem: str, data: bytes) -> dict:
             (node,) = struct.unpack_from(">h", d, offset + 2)
             text, offset = read_string(d, offset + 4, align=4)
             head = "SSSS" if who == "J" and node == 0 else f"{node:4x}"  # node 0: Joe's opening line
-            lines.update(voice_lines(f"{talk_key:2d}{head}{who}", text, speaker))
+            for clip, line in voice_lines(f"{talk_key:2d}{head}{who}", text, speaker).items():
+                lines.setdefault(clip, line)  # a node twice (LARIS.DOG): the game speaks the first
 
     table(32 + abs(level_max) * 96, joe_max, "J", "JOE")
     table(person1, person_max, "P", person)
@@ -264,9 +268,13 @@ def teacher_results(entries: list[dict], teacher: str, out: Path, jobs: int, tra
     return {e["key"]: results[e["key"]] for e in entries}
 
 
-def label(clip: dict, result: dict, all_lines: list[str], min_match: float, min_search_match: float) -> dict:
-    """A clip + its teacher result -> its corpus line: the script line if the teacher confirms it, else
-    the teacher's text if the teacher is confident, else "reason" says why the clip has no label."""
+def label(clip: dict, result: dict, all_lines: list[str], min_match: float, min_search_match: float,
+          trust_teacher: bool = False) -> dict:
+    """A clip + its teacher result -> its corpus line: the script line if the teacher confirms it; else,
+    for a clip without a script line, the teacher's text if the teacher is confident; else "reason"
+    says why the clip has no label. A clip whose own line the teacher contradicts is rejected: the
+    script names the line exactly, and on the held-out scenes nearly all of these are teacher errors
+    (gibberish ape talk, spelled letters, "Of course not!" heard as "I'm awesome now.")."""
     teacher_txt = result.get("text", "")
     named = clip["scene"] != "none"  # the script names the line: confirm it, don't search
     candidates = ([clip["script_txt"]] if clip["script_txt"] else []) if named else all_lines
@@ -276,7 +284,10 @@ def label(clip: dict, result: dict, all_lines: list[str], min_match: float, min_
                script_txt=clip["script_txt"] if named else line or "", match_score=match_score,
                label_source="script" if matched else "teacher",
                **{k: result[k] for k in ("avg_logprob", "no_speech_prob", "compression_ratio") if k in result})
-    reason = None if matched else reject_reason(result)
+    if matched:
+        return out
+    reason = reject_reason(result) or ("the teacher contradicts the script"
+                                       if named and clip["script_txt"] and not trust_teacher else None)
     return dict(out, reason=reason) if reason else out
 
 
@@ -341,8 +352,11 @@ def main(argv=None):
     p.add_argument("--teacher", default=None, help="default: bundled-base if installed, else bundled:whisper-tiny.en")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--num_dev", type=int, default=300)
-    p.add_argument("--min_match", type=float, default=0.6, help="confirms a script line named by the clip")
+    p.add_argument("--min_match", type=float, default=0.5,
+                   help="confirms the script line a clip's name gives (unrelated sentences score ~0.3-0.45)")
     p.add_argument("--min_search_match", type=float, default=0.85, help="snaps a clip without a name to a line")
+    p.add_argument("--trust_teacher", action="store_true",
+                   help="label a clip with the teacher's text when it contradicts the clip's script line")
     p.add_argument("--limit", type=int, default=None, help="only N clips, spread over the game (a quick trial)")
     p.add_argument("--measure_teachers", nargs="+", default=None,
                    help="instead of building: WER of these teachers against the script on the held-out scenes")
@@ -379,7 +393,7 @@ def main(argv=None):
     results = teacher_results([dict(e, wav=str(out / e["wav"])) for e in speech], args.teacher, out, args.jobs,
                               not args.no_transcribe)
     all_lines = sorted({x["script_txt"] for x in named.values() if x["script_txt"]})
-    lines = sorted((label(e, results[e["key"]], all_lines, args.min_match, args.min_search_match)
+    lines = sorted((label(e, results[e["key"]], all_lines, args.min_match, args.min_search_match, args.trust_teacher)
                     for e in speech if e["key"] in results), key=lambda x: x["key"])
     usable = [x for x in lines if "reason" not in x]
     held_out = [x for x in usable if scene_family(x["scene"]) in dev_families]
