@@ -6,12 +6,14 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 import whisper
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 GGUF_CACHE = Path(os.environ.get("SPEECHLLM_CACHE", Path.home() / ".cache" / "speechllm"))
@@ -167,14 +169,18 @@ def dequantized_gguf_dir(gguf_path: Path) -> Path:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     cache_dir = GGUF_CACHE / f"{gguf_path.stem}-{digest.hexdigest()[:16]}"
-    if not (cache_dir / "config.json").exists():
-        kwargs = dict(gguf_file=gguf_path.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-        llm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-        if getattr(llm, "hf_quantizer", None) is not None:
-            llm.hf_quantizer.remove_quantization_config(llm)
-        tmp_dir = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
-        llm.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        os.replace(tmp_dir, cache_dir)  # atomic: a concurrent rank never sees a half-written copy
+    GGUF_CACHE.mkdir(parents=True, exist_ok=True)
+    # One process dequantizes, the others (ranks started together on a fresh machine) wait for it
+    with FileLock(str(cache_dir) + ".lock"):
+        if not ((cache_dir / "config.json").exists() and (cache_dir / "model.safetensors").exists()):
+            shutil.rmtree(cache_dir, ignore_errors=True)  # a copy left incomplete by a crash
+            kwargs = dict(gguf_file=gguf_path.name)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            llm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+            if getattr(llm, "hf_quantizer", None) is not None:
+                llm.hf_quantizer.remove_quantization_config(llm)
+            tmp_dir = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
+            llm.save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)
+            os.replace(tmp_dir, cache_dir)  # atomic: a reader never sees a half-written copy
     return cache_dir
