@@ -16,6 +16,10 @@ import whisper
 
 SAMPLE_RATE = whisper.audio.SAMPLE_RATE  # 16 kHz
 N_SAMPLES_30S = whisper.audio.N_SAMPLES
+# Shorter audio is skipped as "too short": the log-mel's first analysis window (25 ms) needs this
+# much, and a clip shorter than any phoneme holds no speech. Padded, it would only make recognition
+# invent text and training learn a transcript for nothing.
+MIN_SAMPLES = whisper.audio.N_FFT
 
 
 class InputError(ValueError):
@@ -24,7 +28,8 @@ class InputError(ValueError):
 
 def read_jsonl(path) -> list[dict]:
     """Lines {"key", "wav", "txt"} (+ optional "instruction"). `key` defaults to the wav file's stem;
-    a relative `wav` is relative to the jsonl file. A bad line is an InputError naming file:line."""
+    a relative `wav` is relative to the jsonl file. A bad line is an InputError naming file:line: a key
+    must be one word (the results are `key<TAB>text` lines), an instruction a string."""
     path = Path(path)
     entries, seen = [], {}
     if not path.is_file():
@@ -33,7 +38,7 @@ def read_jsonl(path) -> list[dict]:
         for line_no, raw in enumerate(f, 1):
             where = f"{path}:{line_no}"
             try:
-                line = raw.decode("utf-8").strip()
+                line = raw.decode("utf-8-sig").strip()  # -sig: the BOM some editors write is not JSON
             except UnicodeDecodeError as e:
                 raise InputError(f"{where}: not UTF-8 ({e})") from None
             if not line:
@@ -42,11 +47,24 @@ def read_jsonl(path) -> list[dict]:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: malformed JSON ({e})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("wav"), str):
+            if not isinstance(entry, dict) or not isinstance(entry.get("wav"), str) or not entry["wav"]:
                 raise InputError(f'{where}: needs a "wav" path')
+            try:  # an unpaired \ud800-\udfff escape is valid JSON but no text a file can hold
+                json.dumps(entry, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(f"{where}: not valid Unicode ({e})") from None
+            key, instruction = entry.get("key"), entry.get("instruction")
+            if isinstance(key, bool) or not isinstance(key, (str, int, type(None))):
+                raise InputError(f'{where}: "key" must be a string')
+            # NUL would collide with the markers the chat prompt is split at
+            if not isinstance(instruction, (str, type(None))) or "\0" in (instruction or ""):
+                raise InputError(f'{where}: "instruction" must be a string (without NUL)')
             wav = Path(entry["wav"]).expanduser()
             entry["wav"] = str(wav if wav.is_absolute() else path.parent / wav)
-            entry["key"] = str(entry.get("key") or wav.stem)
+            entry["key"] = str(wav.stem if key is None or key == "" else key)
+            if entry["key"].split() != [entry["key"]]:
+                raise InputError(f"{where}: key {entry['key']!r} is not one word (results are key<TAB>text lines; "
+                                 "without a \"key\" it is the wav file's name)")
             if entry["key"] in seen:
                 raise InputError(f"{where}: duplicate key {entry['key']!r} (first at line {seen[entry['key']]})")
             seen[entry["key"]] = line_no
@@ -59,20 +77,42 @@ class BadAudio(ValueError):
     """Audio that cannot be used; str(e) is the reason, e.g. "missing" or "non-finite samples"."""
 
 
+def path_problem(path) -> str | None:
+    if os.path.isfile(path):
+        return None
+    return "not a file" if os.path.exists(path) else "missing"  # e.g. a directory
+
+
+def too_short(num_samples: int, sample_rate: int) -> bool:
+    return num_samples * SAMPLE_RATE < MIN_SAMPLES * sample_rate  # in integers: the header and the loader agree
+
+
 def load_audio(path) -> np.ndarray:
-    """Any soundfile-readable file -> mono float32 at 16 kHz."""
-    try:
-        samples, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (n, channels)
-    except (soundfile.SoundFileError, OSError) as e:  # a header that reads fine can still hide bad data
-        raise BadAudio("missing" if not os.path.exists(path) else "unreadable") from e
+    """Any soundfile-readable file -> mono float32 at 16 kHz in [-1, 1]."""
+    if problem := path_problem(path):
+        raise BadAudio(problem)
+    try:  # a header that reads fine can still hide bad data
+        with soundfile.SoundFile(path) as f:
+            # Block by block: soundfile.read would allocate the frames the header claims, which a
+            # damaged MP3 header puts at 35 GB.
+            blocks, block_frames = [], max(1, 2**20 // f.channels)
+            while len(block := f.read(block_frames, dtype="float32", always_2d=True)):
+                blocks.append(block)
+            samples, sample_rate = np.concatenate(blocks or [np.zeros((0, f.channels), np.float32)]), f.samplerate
+    except (soundfile.SoundFileError, OSError) as e:
+        raise BadAudio("unreadable") from e
     if len(samples) == 0:
         raise BadAudio("empty")
+    if too_short(len(samples), sample_rate):
+        raise BadAudio("too short")
     if not np.isfinite(samples).all():  # NaN/inf would poison the loss (training) or the encoder (decoding)
         raise BadAudio("non-finite samples")
     samples = samples.mean(axis=1)
     if sample_rate != SAMPLE_RATE:
         samples = soxr.resample(samples, sample_rate, SAMPLE_RATE, quality="HQ")
-    return np.ascontiguousarray(samples, dtype=np.float32)
+    # Whisper hears audio through 16-bit PCM (ffmpeg), never beyond full scale; a float file can hold
+    # any finite value, and a large one overflows the log-mel into NaN.
+    return np.clip(samples, -1.0, 1.0, dtype=np.float32)
 
 
 def audio_problem(entry: dict) -> str | None:
@@ -80,14 +120,16 @@ def audio_problem(entry: dict) -> str | None:
     entry["duration"] from the header. Only float files (WAV FLOAT/DOUBLE) can hold NaN or inf, so only
     those are read in full; integer PCM, FLAC and the like cost a header read (~40 us on a local disk)."""
     path = entry["wav"]
-    if not os.path.isfile(path):
-        return "missing"
+    if problem := path_problem(path):
+        return problem
     try:
         info = soundfile.info(path)
     except (soundfile.SoundFileError, OSError):
         return "unreadable"
     if info.frames <= 0:
         return "empty"
+    if too_short(info.frames, info.samplerate):
+        return "too short"
     if info.subtype in ("FLOAT", "DOUBLE"):
         try:
             load_audio(path)

@@ -27,14 +27,22 @@ from data import Collator, InputError, SpeechDataset, check_entries, count_reaso
 from model import CONFIG_NAME, SpeechLLM
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count out of range stops the run here, not as a traceback once the model is loaded."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="a directory written by train.py / save_pretrained")
     p.add_argument("--data_path", required=True, help='jsonl lines {"key", "wav"[, "txt"]}')
     p.add_argument("--result_path", required=True)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=None, help="default: bounded by the audio length")
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--num_beams", type=positive_int, default=1)
+    p.add_argument("--max_new_tokens", type=positive_int, default=None, help="default: bounded by the audio length")
     p.add_argument("--instruction", default=None, help="default: the one the model was trained with")
     p.add_argument("--whisper_model_name_or_path", default=None, help="override the path in the model config")
     p.add_argument("--llm_model_name_or_path", default=None, help="override the path in the model config")
