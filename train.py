@@ -244,10 +244,29 @@ def load_checkpoint_without_frozen(engine, checkpoint_path, load_module_strict=T
 transformers.trainer.deepspeed_load_checkpoint = load_checkpoint_without_frozen
 
 
+def validate_arguments(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
+    """Out-of-range numbers stop the run here, before anything is loaded, not as a traceback later.
+    A numeric option is one row (tests/test_fuzz.py fails for one without); NaN and inf never pass."""
+    rules = {"projector_kernel": ">= 1", "projector_hidden": ">= 1", "ctc_weight": ">= 0", "lora_rank": ">= 0",
+             "lora_alpha": "> 0", "lora_dropout": ">= 0, < 1", "train_encoder_layers": ">= -1",
+             "encoder_learning_rate": ">= 0", "pad_text_to": ">= 1", "max_audio_seconds": "> 0",
+             # TrainingArguments takes any of these; our sampler and the Trainer's steps cannot
+             "per_device_train_batch_size": ">= 1", "per_device_eval_batch_size": ">= 1",
+             "gradient_accumulation_steps": ">= 1"}
+    holds = {">=": lambda v, bound: v >= bound, ">": lambda v, bound: v > bound, "<": lambda v, bound: v < bound}
+    values = {**vars(args), **vars(model_args), **vars(data_args)}
+    for name, rule in rules.items():
+        value = values.get(name)  # None: an optional number left unset
+        if value is not None and not (float("-inf") < value < float("inf") and all(
+                holds[op](value, float(bound)) for op, bound in map(str.split, rule.split(", ")))):
+            raise InputError(f"--{name} must be {rule}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = setup_distributed(sys.argv[1:] if argv is None else argv)
     model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
+    validate_arguments(model_args, data_args, args)
     args.remove_unused_columns = False  # our batches are dicts of tensors the model takes as they are
     args.label_names = ["labels"]
 
