@@ -6,17 +6,18 @@
 #   bash tools/compare_trainable.sh exp/cmp corpus/mix_tts/train.jsonl 150 corpus/dev.jsonl corpus/real/dev.jsonl
 # Start: the shipped projector (INIT, default pretrained/whisper-tiny.en_smollm2-135m). Settings in
 # SETTINGS (default: all five). Prints a table: setting, trainable params, model dir size, train wall
-# time, dev WER per dev set.
+# time, dev WER per dev set. LoRA settings take 2 x 4 utterances per rank and step (the same 16 per step): at
+# 8 per rank a LoRA rank grew past 11 GB on 30 s clips and was killed (24 GB machine, 2 ranks).
 set -euo pipefail
 out=${1:?output dir}; train=${2:?train jsonl}; steps=${3:?steps}; shift 3
 devs=("$@")
 init=${INIT:-pretrained/whisper-tiny.en_smollm2-135m}
 declare -A flags=(
   [projector]=""
-  [lora8]="--lora_rank 8"
-  [lora32]="--lora_rank 32"
+  [lora8]="--lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2"
+  [lora32]="--lora_rank 32 --per_device_train_batch_size 4 --gradient_accumulation_steps 2"
   [encoder2]="--train_encoder_layers 2 --encoder_learning_rate 1e-4"
-  [lora8+encoder2]="--lora_rank 8 --train_encoder_layers 2 --encoder_learning_rate 1e-4"
+  [lora8+encoder2]="--lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --train_encoder_layers 2 --encoder_learning_rate 1e-4"
 )
 settings=(${SETTINGS:-projector lora8 lora32 encoder2 lora8+encoder2})
 mkdir -p "$out"
