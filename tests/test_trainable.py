@@ -188,3 +188,16 @@ def test_spec_augment_masks_only_in_training_and_within_each_utterance(tiny_conf
         model.eval()
         assert torch.equal(model(**batch).loss, eval_loss)
     assert not torch.equal(train_losses[0], train_losses[1])  # new masks each step
+
+
+def test_warm_start_from_a_fully_fine_tuned_dir_loads_its_llm(tiny_config, tmp_path):
+    """A stage on top of full fine-tuning (or a DDP resume of one): the new model is built from the
+    base LLM, and load_trained reads the dir's own llm/ weights into it."""
+    stage1 = build(tiny_config, "llm")
+    train_steps(stage1)
+    stage1.save_pretrained(tmp_path / "stage1")
+    stage2 = build(tiny_config, "llm")  # the base LLM, as train.py builds it
+    assert not torch.equal(stage2.llm.get_input_embeddings().weight, stage1.llm.get_input_embeddings().weight)
+    stage2.load_trained(tmp_path / "stage1", warm_start=True)
+    for name, value in stage1.llm.state_dict().items():
+        assert torch.equal(stage2.llm.state_dict()[name], value), name
