@@ -18,8 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import whisper
 from safetensors.torch import load_file, save_file
+from transformers import LogitsProcessorList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from decoding import (CTCHead, CTCPrefixScorer, RepetitionGuard, TokenBudget, ctc_logits, hypothesis_log_probs,
+                      token_edit_distance)
 from loading import load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
 
 N_FRAMES_30S = whisper.audio.N_FRAMES  # 3000 mel frames = 30 s, Whisper's whole context
@@ -42,9 +45,20 @@ def num_audio_tokens(num_mel_frames: int, kernel: int) -> int:
     return full_windows * tokens_per_window(N_FRAMES_30S) + (tokens_per_window(rest) if rest else 0)
 
 
-def max_transcript_tokens(audio_seconds: float) -> int:
-    """The decoding length bound for audio of this duration: 8 tokens/s is beyond fast speech."""
-    return 16 + 8 * math.ceil(audio_seconds)
+def max_transcript_tokens(audio_seconds: float, tokens_per_second: float = 8.0, extra_tokens: int = 16) -> int:
+    """The decoding length bound for audio of this duration; train.py measures the rate on its corpus
+    (transcript_token_rate). The defaults, 8 tokens/s + 16, are beyond fast speech."""
+    return extra_tokens + math.ceil(tokens_per_second * audio_seconds)
+
+
+def transcript_token_rate(durations: list[float], num_tokens: list[int]) -> tuple[float, int]:
+    """The token budget a corpus calls for: (tokens per second, extra tokens) such that the budget
+    covers its fastest speech (the 99.5th percentile of tokens/s over clips of 1 s and more) and its
+    short clips, whose rate a few tokens make noisy (the extra covers 99.5% of all transcripts)."""
+    rates = [n / d for d, n in zip(durations, num_tokens) if d >= 1.0] or [8.0]
+    rate = float(np.percentile(rates, 99.5))
+    overshoot = [n - rate * d for d, n in zip(durations, num_tokens)]
+    return round(rate, 2), max(4, math.ceil(float(np.percentile(overshoot, 99.5)))) + 4
 
 
 def whisper_encode(encoder: whisper.model.AudioEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor):
@@ -269,6 +283,10 @@ class SpeechLLMConfig:
     lora_target_modules: str = "all-linear"  # peft's name for every linear layer of attention and MLP, or a comma list
     train_encoder_layers: int = 0  # the encoder's top N blocks + ln_post (-1 = all blocks)
     train_llm: bool = False  # every LLM weight (full fine-tuning)
+    # Decoding defaults (decoding.py); train.py sets them from the run
+    ctc_decode_weight: float = 0.0  # joint CTC + LLM scoring weight w (needs the CTC head, ctc_weight > 0)
+    max_tokens_per_second: float = 8.0  # the token budget per utterance: ceil(rate * seconds) + extra
+    max_tokens_extra: int = 16
 
     @classmethod
     def from_json(cls, path: Path) -> "SpeechLLMConfig":
@@ -430,7 +448,7 @@ class SpeechLLM(nn.Module):
         audio_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))  # (B, T, D)
         token_embeds = self.llm.get_input_embeddings().weight  # (V, D)
         with gathered_if_partitioned([token_embeds]):
-            scores = torch.cat([audio_embeds @ token_embeds.T, (audio_embeds @ self.projector.ctc_blank)[..., None]], -1)
+            scores = ctc_logits(audio_embeds, token_embeds, self.projector.ctc_blank)  # (B, T, V + 1)
         log_probs = scores.float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1); blank = V
         end_of_turn = len(self.prompt.end_of_turn_ids)  # the labels' last tokens; not spoken
         transcripts = [row[row != -100][:-end_of_turn] for row in labels]
@@ -450,14 +468,62 @@ class SpeechLLM(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, num_beams: int = 1,
-                     max_new_tokens: int | None = None, prefix_cache: bool = True, **generate_kwargs) -> torch.Tensor:
-        """Batched decoding of left-padded prompts -> new token ids (B, <= max_new_tokens); greedy
-        when num_beams == 1. The encoder runs once per utterance: generate() expands the finished
-        embeddings to the beams. prefix_cache: the prompt's shared opening (system prompt +
-        instruction) is computed once and its KV cache reused across the batch, beams and calls."""
-        if max_new_tokens is None:
-            max_new_tokens = max_transcript_tokens(int(mel_lengths.max()) / 100)  # 100 mel frames per second
-        inputs_embeds = self.embed(mel, mel_lengths, input_ids, audio_mask)
+                     max_new_tokens: int | None = None, prefix_cache: bool = True, decode: str = "llm",
+                     ctc_weight: float | None = None, max_repeats: int = 3, return_confidence: bool = False,
+                     **generate_kwargs):
+        """Batched decoding of left-padded prompts -> new token ids (B, <= max_new_tokens), each row
+        ended by an end-of-turn token unless it ran out of budget.
+        decode="llm": the LLM's greedy (num_beams=1) or beam search, steered by decoding.py's logits
+          processors: joint CTC scoring with weight ctc_weight (default: the config's), a repetition
+          guard (max_repeats copies of an n-gram at most; 0: off) and each utterance's token budget
+          (max_transcript_tokens of its duration, unless max_new_tokens is given).
+        decode="ctc": the CTC head's greedy path alone (no LLM steps).
+        return_confidence: also per-utterance confidence dicts (see confidence()).
+        The encoder runs once per utterance: generate() expands the finished embeddings to the beams.
+        prefix_cache: the prompt's shared opening (system prompt + instruction) is computed once and
+        its KV cache reused across the batch, beams and calls."""
+        audio_embeds = self.encode_audio(mel, mel_lengths)  # (num_audio_tokens in batch, llm_dim)
+        inputs_embeds = merge_audio_embeds(self.llm.get_input_embeddings()(input_ids), audio_embeds, audio_mask)
+        ctc_weight = self.config.ctc_decode_weight if ctc_weight is None else ctc_weight
+        wants_ctc = decode == "ctc" or ctc_weight > 0 or (return_confidence and self.projector.ctc_blank is not None)
+        head = self.ctc_head(audio_embeds, audio_mask) if wants_ctc else None
+        eos = self.prompt.eos_token_ids
+        if decode == "ctc":
+            ids = [hyp + eos[:1] for hyp in head.greedy_ids()]
+            ids = torch.tensor([hyp + [self.prompt.placeholder_id] * (max(map(len, ids)) - len(hyp)) for hyp in ids],
+                               device=input_ids.device)
+        elif decode == "llm":
+            seconds = mel_lengths.float() / 100  # 100 mel frames per second
+            budgets = torch.tensor([max_new_tokens or max_transcript_tokens(float(s), self.config.max_tokens_per_second,
+                                                                            self.config.max_tokens_extra)
+                                    for s in seconds])
+            processors = LogitsProcessorList()
+            if max_repeats > 0:  # first: the other processors see the banned tokens as impossible
+                processors.append(RepetitionGuard(max_repeats))
+            if ctc_weight > 0:
+                processors.append(CTCPrefixScorer(head, ctc_weight, num_beams, eos))
+            processors.append(TokenBudget(budgets, num_beams, eos))
+            ids = self.generate_llm(inputs_embeds, input_ids, attention_mask, audio_mask, num_beams,
+                                    int(budgets.max()), prefix_cache, logits_processor=processors, **generate_kwargs)
+        else:
+            raise ValueError(f"decode must be 'llm' or 'ctc', got {decode!r}")
+        if not return_confidence:
+            return ids
+        return ids, self.confidence(inputs_embeds, attention_mask, ids, head)
+
+    def ctc_head(self, audio_embeds, audio_mask) -> CTCHead:
+        """The CTC posteriors of a batch: audio_embeds (num_audio_tokens in batch, D), audio_mask (B, L)."""
+        if self.projector.ctc_blank is None:
+            raise ValueError("this model has no CTC head (it was trained without --ctc_weight): CTC decoding "
+                             "and ctc_weight > 0 need one")
+        num_frames = audio_mask.sum(1)  # (B,)
+        padded = audio_embeds.new_zeros(len(num_frames), int(num_frames.max()), audio_embeds.shape[-1])
+        padded[torch.arange(padded.shape[1], device=padded.device) < num_frames[:, None]] = audio_embeds
+        return CTCHead(padded, num_frames, self.llm.get_input_embeddings().weight, self.projector.ctc_blank)
+
+    def generate_llm(self, inputs_embeds, input_ids, attention_mask, audio_mask, num_beams: int,
+                     max_new_tokens: int, prefix_cache: bool = True, **generate_kwargs) -> torch.Tensor:
+        """The LLM's generate() on prompts with the audio spliced in: (B, L, D) -> new ids (B, <= max_new_tokens)."""
         prefix_length = shared_prefix_length(input_ids, attention_mask, audio_mask) if prefix_cache else 0
         if prefix_length > 0:
             start = int(attention_mask[0].int().argmax())
@@ -470,6 +536,23 @@ class SpeechLLM(nn.Module):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, num_beams=num_beams, do_sample=False,
             max_new_tokens=max_new_tokens, eos_token_id=self.prompt.eos_token_ids,
             pad_token_id=self.prompt.placeholder_id, **generate_kwargs)
+
+    def confidence(self, inputs_embeds, attention_mask, ids, head: CTCHead | None) -> list[dict]:
+        """Per utterance: llm_logprob, the LLM's mean log-probability of the hypothesis' tokens and its
+        end of turn; with a CTC head also ctc_logprob, CTC's log-probability of the hypothesis per
+        token, and ctc_disagreement, the token edit distance between the hypothesis and CTC's own best
+        path over that path's length. Low log-probs and high disagreement flag hallucinations."""
+        eos = self.prompt.eos_token_ids
+        ctc_best = head.greedy_ids() if head is not None else None
+        out = []
+        for u, log_probs in enumerate(hypothesis_log_probs(self.llm, inputs_embeds, attention_mask, ids, eos)):
+            item = dict(llm_logprob=round(sum(log_probs) / max(len(log_probs), 1), 4))
+            if head is not None:
+                hyp = [t for t in ids[u].tolist()[:len(log_probs)] if t not in eos]
+                item["ctc_logprob"] = round(head.sequence_log_prob(u, hyp) / max(len(hyp), 1), 4)
+                item["ctc_disagreement"] = round(token_edit_distance(hyp, ctc_best[u]) / max(len(ctc_best[u]), 1), 4)
+            out.append(item)
+        return out
 
     def prefix_kv_cache(self, prefix_ids: torch.Tensor, batch_size: int):
         """The LLM's KV cache of prefix_ids (P,), repeated to batch_size rows; a fresh copy each call,
@@ -488,9 +571,12 @@ class SpeechLLM(nn.Module):
         cache.batch_repeat_interleave(batch_size)
         return cache
 
-    def generate(self, *args, **kwargs) -> list[str]:
-        texts = self.tokenizer.batch_decode(self.generate_ids(*args, **kwargs), skip_special_tokens=True)
-        return [text.strip() for text in texts]
+    def generate(self, *args, return_confidence: bool = False, **kwargs):
+        """generate_ids as text: transcripts, or (transcripts, confidences) with return_confidence."""
+        out = self.generate_ids(*args, return_confidence=return_confidence, **kwargs)
+        ids, confidences = out if return_confidence else (out, None)
+        texts = [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return (texts, confidences) if return_confidence else texts
 
     def transcribe(self, audio, num_beams: int = 1, batch_size: int = 8, instruction: str | None = None,
                    **generate_kwargs) -> list[str]:

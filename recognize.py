@@ -7,7 +7,12 @@
 Finished batches are appended to `<result_path>.partial<rank>` (flushed and fsynced), so the same
 command run again after a kill decodes only the rest. The result file is written last, to a temporary
 name renamed over the old file. An utterance whose audio cannot be read gets an empty line in the
-result and its reason in `<result_path>.errors`.
+result and its reason in `<result_path>.errors`. With --confidence, `<result_path>.confidence.jsonl`
+holds a line per decoded utterance: {"key", "llm_logprob", "ctc_logprob", "ctc_disagreement"}.
+
+Decoding (model.generate_ids): the LLM's greedy or beam search under a repetition guard and a token
+budget from each utterance's duration; joint CTC + LLM scoring with --ctc_decode_weight (default: the
+model's); --decode ctc for the CTC head alone.
 """
 import argparse
 import glob
@@ -42,14 +47,30 @@ def parse_args(argv=None):
     p.add_argument("--result_path", required=True)
     p.add_argument("--batch_size", type=positive_int, default=16)
     p.add_argument("--num_beams", type=positive_int, default=1)
-    p.add_argument("--max_new_tokens", type=positive_int, default=None, help="default: bounded by the audio length")
+    p.add_argument("--max_new_tokens", type=positive_int, default=None,
+                   help="default: each utterance's budget from its duration (the model's measured token rate)")
+    p.add_argument("--decode", choices=["llm", "ctc"], default="llm",
+                   help="llm: the LLM's greedy / beam search (joint with CTC if --ctc_decode_weight > 0); "
+                        "ctc: the CTC head's greedy path alone")
+    p.add_argument("--ctc_decode_weight", type=float, default=None,
+                   help="joint CTC + LLM scoring weight in [0, 1) (default: the model's ctc_decode_weight)")
+    p.add_argument("--max_repeats", type=int, default=3,
+                   help="the repetition guard: at most this many copies in a row of any n-gram (0: off)")
+    p.add_argument("--confidence", action="store_true",
+                   help="also write <result_path>.confidence.jsonl: per utterance the LLM's mean token "
+                        "log-prob and, with a CTC head, CTC's log-prob and disagreement (one more LLM pass)")
     p.add_argument("--instruction", default=None, help="default: the one the model was trained with")
     p.add_argument("--whisper_model_name_or_path", default=None, help="override the path in the model config")
     p.add_argument("--llm_model_name_or_path", default=None, help="override the path in the model config")
     p.add_argument("--trust_remote_code", action="store_true", help="let the LLM's repo run its own Python code")
     p.add_argument("--lang", default="en", help="text normalization for scoring (compute_wer.py --lang)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ctc_decode_weight is not None and not 0 <= args.ctc_decode_weight < 1:
+        p.error(f"--ctc_decode_weight must be in [0, 1), got {args.ctc_decode_weight} (CTC alone: --decode ctc)")
+    if args.max_repeats < 0:
+        p.error(f"--max_repeats must be >= 0, got {args.max_repeats}")
+    return args
 
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
@@ -80,7 +101,7 @@ def partial_paths(result_path: Path) -> list[Path]:
 
 
 def read_partials(result_path: Path) -> dict[str, dict]:
-    """{key: {"key", "text"} or {"key", "error"}} of what earlier runs finished. A line torn by a kill
+    """{key: {"key", "text"[, "confidence"]} or {"key", "error"}} of what earlier runs finished. A line torn by a kill
     is not valid JSON: skipped, its utterance is decoded again."""
     records = {}
     for path in partial_paths(result_path):
@@ -89,7 +110,9 @@ def read_partials(result_path: Path) -> dict[str, dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            records[record["key"]] = record
+            kept = records.get(record["key"], {})
+            if "confidence" not in kept or "confidence" in record:  # a re-decode with confidence wins
+                records[record["key"]] = record
     return records
 
 
@@ -145,18 +168,25 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
                                          num_workers=1)
     with open_partial(partial) as f, tqdm(total=sum(map(len, batches)), unit="utt", disable=rank != 0) as progress:
         for keys, batch, errors in loader:
-            texts = []
+            records = []
             if batch is not None:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                texts = model.generate(**batch, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-            append_records(f, [dict(key=k, text=one_line(t)) for k, t in zip(keys, texts)]
-                           + [dict(key=k, error=reason) for k, reason in errors.items()])
+                out = model.generate(**batch, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                                     decode=args.decode, ctc_weight=args.ctc_decode_weight,
+                                     max_repeats=args.max_repeats, return_confidence=args.confidence)
+                texts, confidences = out if args.confidence else (out, [])
+                records = [dict(key=k, text=one_line(t)) for k, t in zip(keys, texts)]
+                for record, confidence in zip(records, confidences):
+                    record["confidence"] = confidence
+            append_records(f, records + [dict(key=k, error=reason) for k, reason in errors.items()])
             progress.update(len(keys) + len(errors))
 
 
-def write_results(result_path: Path, entries: list[dict], problems: list[dict]) -> tuple[dict, dict]:
+def write_results(result_path: Path, entries: list[dict], problems: list[dict],
+                  confidence: bool = False) -> tuple[dict, dict]:
     """Merge every partial file and the check pass's problems into the result and errors files (input
-    order), then delete the partials. -> hyps, errors (keys -> text / reason)."""
+    order), and with `confidence` the confidence file (a line per decoded utterance), then delete the
+    partials. -> hyps, errors (keys -> text / reason)."""
     records = read_partials(result_path)
     hyps = {key: r["text"] for key, r in records.items() if "text" in r}
     errors = {p["key"]: p["reason"] for p in problems} | {key: r["error"] for key, r in records.items() if "error" in r}
@@ -166,6 +196,10 @@ def write_results(result_path: Path, entries: list[dict], problems: list[dict]) 
     write_atomically(result_path, [f"{e['key']}\t{hyps.get(e['key'], '')}\n" for e in entries])
     write_atomically(Path(f"{result_path}.errors"), [f"{e['key']}\t{errors[e['key']]}\n" for e in entries
                                                      if e["key"] in errors])
+    if confidence:
+        write_atomically(Path(f"{result_path}.confidence.jsonl"), [
+            json.dumps(dict(key=e["key"]) | records[e["key"]]["confidence"], ensure_ascii=False) + "\n"
+            for e in entries if e["key"] in hyps])
     for path in partial_paths(result_path):
         path.unlink()
     return {e["key"]: hyps.get(e["key"], "") for e in entries}, errors
@@ -187,6 +221,8 @@ def main(argv=None):
 
     result_path = Path(args.result_path)
     done = read_partials(result_path)
+    if args.confidence:  # utterances an earlier run decoded without confidence are decoded again
+        done = {key: r for key, r in done.items() if "confidence" in r or "error" in r}
     barrier(world_size)  # every rank has read the same partials before any rank appends to them
     todo = [e for e in usable if e["key"] not in done]
     start = time.perf_counter()
@@ -196,7 +232,7 @@ def main(argv=None):
     if rank != 0:
         return None
 
-    hyps, errors = write_results(result_path, entries, problems)
+    hyps, errors = write_results(result_path, entries, problems, args.confidence)
     audio_seconds = sum(e["duration"] for e in todo)
     print(f"{len(todo)} utterances, {audio_seconds:.1f} s of audio in {elapsed:.1f} s: "
           f"{len(todo) / elapsed:.2f} utt/s, RTF {elapsed / max(audio_seconds, 1e-9):.4f}")

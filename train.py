@@ -23,7 +23,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from data import (Collator, InputError, LengthGroupedSampler, SpeechDataset, check_entries, count_reasons,
                   read_jsonl)
-from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig
+from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, transcript_token_rate
+
+
+DEFAULT_CTC_DECODE_WEIGHT = 0.3  # the best of tools/ctc_decode_sweep.py's weights (README)
 
 
 @dataclass
@@ -36,6 +39,9 @@ class ModelArguments:
         "help": "LayerNorm on the audio embeddings, its gain starting at the token embeddings' scale"})
     ctc_weight: float = field(default=0.0, metadata={
         "help": "add ctc_weight * a CTC loss that pulls audio embeddings towards the transcript's token embeddings"})
+    ctc_decode_weight: float | None = field(default=None, metadata={
+        "help": "the joint CTC + LLM decoding weight saved with the model, in [0, 1) (default: "
+                f"{DEFAULT_CTC_DECODE_WEIGHT} with a CTC head, else 0); recognize.py --ctc_decode_weight overrides it"})
     instruction: str = field(default="Transcribe the speech.", metadata={"help": "default; jsonl `instruction` wins"})
     pad_to_30s: bool = field(default=False, metadata={"help": "Whisper's native 30 s input (slower)"})
     spec_augment: bool = field(default=False, metadata={
@@ -247,7 +253,8 @@ transformers.trainer.deepspeed_load_checkpoint = load_checkpoint_without_frozen
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
     """Out-of-range numbers stop the run here, before anything is loaded, not as a traceback later.
     A numeric option is one row (tests/test_fuzz.py fails for one without); NaN and inf never pass."""
-    rules = {"projector_kernel": ">= 1", "projector_hidden": ">= 1", "ctc_weight": ">= 0", "lora_rank": ">= 0",
+    rules = {"projector_kernel": ">= 1", "projector_hidden": ">= 1", "ctc_weight": ">= 0",
+             "ctc_decode_weight": ">= 0, < 1", "lora_rank": ">= 0",
              "lora_alpha": "> 0", "lora_dropout": ">= 0, < 1", "train_encoder_layers": ">= -1",
              "encoder_learning_rate": ">= 0", "pad_text_to": ">= 1", "max_audio_seconds": "> 0",
              # TrainingArguments takes any of these; our sampler and the Trainer's steps cannot
@@ -260,6 +267,15 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         if value is not None and not (float("-inf") < value < float("inf") and all(
                 holds[op](value, float(bound)) for op, bound in map(str.split, rule.split(", ")))):
             raise InputError(f"--{name} must be {rule}, got {value}")
+    if model_args.ctc_decode_weight and not model_args.ctc_weight:
+        raise InputError("--ctc_decode_weight needs the CTC head that --ctc_weight > 0 trains")
+
+
+def training_token_rate(model, entries: list[dict]) -> tuple[float, int]:
+    """The decoding token budget the training transcripts call for (model.transcript_token_rate): a
+    transcript no longer than the fastest speech trained on is never cut, a runaway is cut soon."""
+    num_tokens = [len(ids) for ids in model.tokenizer([e["txt"] for e in entries], add_special_tokens=False)["input_ids"]]
+    return transcript_token_rate([e["duration"] for e in entries], num_tokens)
 
 
 def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
@@ -280,6 +296,8 @@ def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
         whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,
         projector_kernel=model_args.projector_kernel, projector_hidden=model_args.projector_hidden,
         projector_output_norm=model_args.projector_output_norm, ctc_weight=model_args.ctc_weight,
+        ctc_decode_weight=(model_args.ctc_decode_weight if model_args.ctc_decode_weight is not None
+                           else DEFAULT_CTC_DECODE_WEIGHT if model_args.ctc_weight > 0 else 0.0),
         instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s, spec_augment=model_args.spec_augment,
         lora_rank=model_args.lora_rank,
         lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
@@ -302,6 +320,7 @@ def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
 
     train_dataset = dataset(data_args.data_path)
     eval_dataset = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
+    config.max_tokens_per_second, config.max_tokens_extra = training_token_rate(model, train_dataset.entries)
     train_durations = [e["duration"] for e in train_dataset.entries] if data_args.length_grouped else None
     trainer = SpeechLLMTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,

@@ -1,0 +1,230 @@
+"""Decoding strategies beside the LLM's own greedy / beam search: the CTC head's posteriors (pure
+CTC greedy decoding, and joint CTC + LLM scoring of the LLM's next tokens), a repetition guard, a
+token budget per utterance, and per-utterance confidence. The pieces that steer generate() are
+logits processors: generate() passes them the generated ids so far (the hypothesis prefix; the
+prompt went in as embeddings) and the next-token scores of every row (utterance x beam).
+
+Joint decoding is ESPnet's joint CTC/attention decoding (Watanabe et al., 2017): a hypothesis scores
+(1 - w) log p_LLM + w log p_CTC(prefix), where the CTC prefix probability is the mass of every
+alignment of the audio whose labels start with the hypothesis. It cannot grow past what the audio
+can hold, and words nobody said get almost none of it: the two failure modes of an LLM decoder.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor
+
+LOG_ZERO = -1e4  # log of "impossible" in the CTC recursions; finite, so that cumulative sums stay exact
+
+
+def ctc_logits(audio_embeds, token_embeds, blank) -> torch.Tensor:
+    """The CTC head model.ctc_loss trains: an audio embedding scores token v by its dot product with
+    v's input embedding, and the blank by its dot product with a learned vector (the last column).
+    audio_embeds: (..., D), token_embeds: (V, D), blank: (D,) -> (..., V + 1)."""
+    return torch.cat([audio_embeds @ token_embeds.T, (audio_embeds @ blank)[..., None]], -1)
+
+
+class CTCHead:
+    """The CTC posteriors (ctc_logits) of a batch of utterances, for decoding.
+    audio_embeds: (U, T, D) padded, num_frames: (U,), token_embeds: (V, D), blank: (D,)."""
+
+    def __init__(self, audio_embeds, num_frames, token_embeds, blank):
+        self.audio_embeds, self.num_frames = audio_embeds.float(), num_frames
+        self.token_embeds, self.blank = token_embeds.float(), blank.float()
+        self.blank_id = token_embeds.shape[0]
+        self._greedy = None
+        # the softmax normalizer of every frame, once: (U, T). One utterance at a time, since the
+        # full (T, V) matrix of a 30 s clip is 60 MB
+        self.log_norm = torch.stack([self.frame_logits(u).logsumexp(-1) for u in range(len(audio_embeds))])
+
+    def frame_logits(self, u: int) -> torch.Tensor:
+        """(T, V + 1) unnormalized scores of utterance u; the blank is the last column."""
+        return ctc_logits(self.audio_embeds[u], self.token_embeds, self.blank)
+
+    def log_probs(self, u: int) -> torch.Tensor:
+        """(T_u, V + 1) log-posteriors of utterance u's real frames."""
+        return (self.frame_logits(u) - self.log_norm[u, :, None])[: int(self.num_frames[u])]
+
+    def token_log_probs(self, utts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Log-posteriors of chosen tokens at every frame: utts (N,), tokens (N, K) -> (N, T, K).
+        Beyond an utterance's last frame, every token is impossible."""
+        x = torch.einsum("ntd,nkd->ntk", self.audio_embeds[utts], self.token_embeds[tokens])
+        return self._mask_padding(x - self.log_norm[utts][..., None], utts, LOG_ZERO)
+
+    def blank_log_probs(self, utts: torch.Tensor) -> torch.Tensor:
+        """(N, T); beyond an utterance's last frame the blank is certain, so any prefix probability
+        computed over the padded length equals the one over the utterance's own frames."""
+        x = self.audio_embeds[utts] @ self.blank - self.log_norm[utts]
+        return self._mask_padding(x[..., None], utts, 0.0)[..., 0]
+
+    def _mask_padding(self, x, utts, value):
+        padded = torch.arange(x.shape[1], device=x.device) >= self.num_frames[utts][:, None]  # (N, T)
+        return x.masked_fill(padded[..., None], value)
+
+    def greedy_ids(self) -> list[list[int]]:
+        """Pure CTC decoding: the best token of every frame, repeats merged, blanks dropped."""
+        if self._greedy is None:
+            self._greedy = []
+            for u in range(len(self.audio_embeds)):
+                best = self.log_probs(u).argmax(-1).tolist()
+                self._greedy.append([v for i, v in enumerate(best) if v != self.blank_id and (i == 0 or v != best[i - 1])])
+        return self._greedy
+
+    def sequence_log_prob(self, u: int, ids: list[int]) -> float:
+        """log p_CTC(ids | utterance u): the mass of every alignment of exactly these labels."""
+        if not ids:
+            return float(self.log_probs(u)[:, -1].sum())
+        log_probs = self.log_probs(u)
+        return -float(F.ctc_loss(log_probs[:, None], torch.tensor([ids]), torch.tensor([len(log_probs)]),
+                                 torch.tensor([len(ids)]), blank=self.blank_id, reduction="sum", zero_infinity=False))
+
+
+def ctc_prefix_scores(r_prev, last, tokens, x_tokens, x_blank):
+    """One step of the CTC prefix score algorithm (Watanabe et al., 2017), for K candidate
+    extensions c of N hypotheses g at once, its recursions over time done as cumulative sums.
+    r_prev: (N, T, 2) log-probabilities that g is complete at frame t, frame t emitting g's last
+      label [..., 0] or a blank [..., 1] (initial_state for the empty g);
+    last: (N,) g's last token, -1 when g is empty; tokens: (N, K) the candidates c;
+    x_tokens: (N, T, K) log p_t(c); x_blank: (N, T) log p_t(blank).
+    -> psi (N, K): log p_CTC(prefix g + c), r (N, T, K, 2): the state of every g + c."""
+    N, T, K = x_tokens.shape
+    r_prev, x, xb = r_prev.double(), x_tokens.double(), x_blank.double()
+    # phi[t]: g is complete before frame t, so frame t may start c. Frame 0 follows a virtual frame
+    # -1 at which only the empty g is complete. When c repeats g's last label, a blank must separate them.
+    start = torch.where(last < 0, 0.0, LOG_ZERO).double()[:, None]  # (N, 1)
+    ready = torch.cat([start, r_prev[:, :-1].logsumexp(-1)], 1)  # (N, T)
+    ready_after_blank = torch.cat([start, r_prev[:, :-1, 1]], 1)  # (N, T)
+    phi = torch.where((tokens == last[:, None])[:, None], ready_after_blank[..., None], ready[..., None])  # (N, T, K)
+    psi = (phi + x).logsumexp(1)  # (N, K): c first emitted at some frame t
+    # r[t, 0] = logaddexp(r[t-1, 0], phi[t]) + x[t]: a linear recursion, so with C the cumulative
+    # sum of x, r[t, 0] = C[t] + logcumsumexp_{s <= t}(phi[s] - C[s-1])
+    C = x.cumsum(1)  # (N, T, K)
+    r_label = C + (phi - (C - x)).logcumsumexp(1)
+    # r[t, 1] = logaddexp(r[t-1, 0], r[t-1, 1]) + xb[t] = B[t] + logcumsumexp_{s < t}(r[s, 0] - B[s])
+    B = xb.cumsum(1)[..., None]  # (N, T, 1)
+    r_blank = B + torch.cat([torch.full_like(r_label[:, :1], LOG_ZERO),
+                             (r_label - B).logcumsumexp(1)[:, :-1]], 1)
+    return psi, torch.stack([r_label, r_blank], -1)
+
+
+def initial_state(x_blank) -> torch.Tensor:
+    """The empty hypothesis: complete at frame t only through blanks at frames 0..t. (N, T) -> (N, T, 2)."""
+    all_blank = x_blank.double().cumsum(1)
+    return torch.stack([torch.full_like(all_blank, LOG_ZERO), all_blank], -1)
+
+
+class CTCPrefixScorer(LogitsProcessor):
+    """Joint scoring: each row's next-token scores become (1 - w) log p_LLM(c) + w (log p_CTC(g + c)
+    - log p_CTC(g)) for candidates c, -inf for the rest, so a hypothesis' total is
+    (1 - w) log p_LLM + w log p_CTC(prefix). End of turn is scored with the probability that g is the
+    whole transcript. Candidates: the LLM's top `num_candidates` and every token CTC's own best path
+    spells for the utterance (words the LLM alone would not propose). Row r is utterance r // num_beams
+    (generate() expands the batch beam by beam); rows that have ended are left alone."""
+
+    def __init__(self, head: CTCHead, weight: float, num_beams: int, eos_token_ids: list[int],
+                 num_candidates: int = 8):
+        if not 0 <= weight < 1:
+            raise ValueError(f"the CTC decoding weight must be in [0, 1), got {weight} (CTC alone: decode='ctc')")
+        self.head, self.weight, self.num_beams = head, weight, num_beams
+        self.eos = torch.tensor(eos_token_ids)
+        self.num_candidates = max(num_candidates, 2 * num_beams)  # beam search keeps 2 x beams per step
+        self.ctc_tokens = [sorted(set(ids)) for ids in head.greedy_ids()]
+        self.states = {}  # (utterance, hypothesis ids) -> (r (T, 2), psi): the hypotheses of this step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        log_probs = scores.float().log_softmax(-1)  # greedy passes logits, beam search log-probs
+        rows = torch.nonzero(~torch.isin(input_ids, self.eos).any(1)).flatten()
+        if len(rows) == 0:
+            return scores
+        utts = rows // self.num_beams
+        prefixes = [tuple(input_ids[r].tolist()) for r in rows.tolist()]
+        r_prev, psi_prev = zip(*[self.state(u, p) for u, p in zip(utts.tolist(), prefixes)])
+        r_prev, psi_prev = torch.stack(r_prev), torch.tensor(psi_prev, dtype=torch.float64)  # (N, T, 2), (N,)
+        top = log_probs[rows].topk(self.num_candidates, -1).indices  # (N, k)
+        extra = [self.ctc_tokens[u] for u in utts.tolist()]
+        width = max(map(len, extra))
+        extra = torch.tensor([e + [int(t[0])] * (width - len(e)) for e, t in zip(extra, top)], dtype=torch.long)
+        tokens = torch.cat([top, extra.view(len(rows), width)], 1)  # (N, K), duplicates harmless
+        last = torch.tensor([p[-1] if p else -1 for p in prefixes])
+        psi, r = ctc_prefix_scores(r_prev, last, tokens, self.head.token_log_probs(utts, tokens),
+                                   self.head.blank_log_probs(utts))
+        w = self.weight
+        joint = torch.full_like(log_probs[rows], -math.inf)
+        joint.scatter_(1, tokens, ((1 - w) * log_probs[rows].gather(1, tokens) + w * (psi - psi_prev[:, None])).float())
+        complete = r_prev[:, -1].logsumexp(-1)  # (N,): log p_CTC(g is everything said); padded frames are blanks
+        joint[:, self.eos] = ((1 - w) * log_probs[rows][:, self.eos] + w * (complete - psi_prev)[:, None]).float()
+        self.states = {(u, p + (c,)): (r[i, :, k], float(psi[i, k]))
+                       for i, (u, p) in enumerate(zip(utts.tolist(), prefixes)) for k, c in enumerate(tokens[i].tolist())}
+        out = scores.clone() if scores.dtype == torch.float32 else scores.float()
+        out[rows] = joint
+        return out
+
+    def state(self, utt: int, prefix: tuple) -> tuple[torch.Tensor, float]:
+        """A hypothesis' CTC state: made in the previous step, or (a token another processor forced,
+        the empty hypothesis) computed along the prefix."""
+        if (utt, prefix) in self.states:
+            return self.states[(utt, prefix)]
+        utts = torch.tensor([utt])
+        r, psi = initial_state(self.head.blank_log_probs(utts))[0], 0.0
+        for i, token in enumerate(prefix):
+            tokens = torch.tensor([[token]])
+            psi_next, r_next = ctc_prefix_scores(r[None], torch.tensor([prefix[i - 1] if i else -1]), tokens,
+                                                 self.head.token_log_probs(utts, tokens), self.head.blank_log_probs(utts))
+            r, psi = r_next[0, :, 0], float(psi_next[0, 0])
+        return r, psi
+
+
+class RepetitionGuard(LogitsProcessor):
+    """A run of `max_repeats` copies of any n-gram (n <= max_ngram tokens) cannot get one more: the
+    token that would start it is banned. Loops end; real repetitions up to max_repeats ("no no",
+    "no, no, no") stay possible. A tail is such a run when it equals itself shifted by n."""
+
+    def __init__(self, max_repeats: int = 3, max_ngram: int = 32):
+        self.max_repeats, self.max_ngram = max_repeats, max_ngram
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        length = input_ids.shape[1]
+        for n in range(1, min(self.max_ngram, length // self.max_repeats) + 1):
+            tail = input_ids[:, length - n * self.max_repeats:]  # (N, n * max_repeats)
+            rows = torch.nonzero((tail[:, n:] == tail[:, :-n]).all(1)).flatten()
+            scores[rows, tail[rows, -n]] = -math.inf
+        return scores
+
+
+class TokenBudget(LogitsProcessor):
+    """Each row ends once it holds its utterance's budget of tokens (see model.max_transcript_tokens):
+    a batch's rows stop where each would stop alone. budgets: (U,) per utterance."""
+
+    def __init__(self, budgets: torch.Tensor, num_beams: int, eos_token_ids: list[int]):
+        self.budgets, self.num_beams, self.eos = budgets, num_beams, torch.tensor(eos_token_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows_budget = self.budgets.to(input_ids.device).repeat_interleave(self.num_beams)  # (N,)
+        spent = (rows_budget <= input_ids.shape[1])[:, None]  # (N, 1)
+        not_eos = ~torch.isin(torch.arange(scores.shape[1], device=scores.device), self.eos.to(scores.device))
+        return scores.masked_fill(spent & not_eos[None], -math.inf)
+
+
+def token_edit_distance(a: list[int], b: list[int]) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def hypothesis_log_probs(llm, inputs_embeds, attention_mask, new_ids, eos_token_ids) -> list[list[float]]:
+    """The LLM's log-probability of every generated token, up to and including its end of turn, by
+    one teacher-forced pass over prompt + hypothesis (exact whatever produced the hypothesis).
+    inputs_embeds: (B, P, D) left-padded prompts, attention_mask: (B, P), new_ids: (B, L)."""
+    ended = torch.isin(new_ids, torch.tensor(eos_token_ids, device=new_ids.device)).int()
+    valid = (ended.cumsum(1) - ended) == 0  # (B, L): tokens up to and including the first end of turn
+    embeds = torch.cat([inputs_embeds, llm.get_input_embeddings()(new_ids).to(inputs_embeds.dtype)], 1)
+    mask = torch.cat([attention_mask, valid.long()], 1)  # (B, P + L)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                 logits_to_keep=new_ids.shape[1] + 1).logits[:, :-1]  # (B, L, V): position P-1+i predicts token i
+    token_log_probs = logits.float().log_softmax(-1).gather(2, new_ids[..., None])[..., 0]  # (B, L)
+    return [row[keep].tolist() for row, keep in zip(token_log_probs, valid)]
