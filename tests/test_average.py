@@ -54,3 +54,15 @@ def test_checkpoints_of_different_configurations_are_refused(tiny_model, tiny_co
     SpeechLLM(replace(tiny_config, lora_rank=2)).save_pretrained(tmp_path / "b")
     with pytest.raises(SystemExit, match="one configuration"):
         average(["--dirs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "avg")])
+
+
+def test_float16_copy_halves_the_file_and_loads_into_fp32(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "a")
+    average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "half"), "--dtype", "float16"])
+    half = load_file(tmp_path / "half" / "model.safetensors")
+    assert all(v.dtype == torch.float16 for v in half.values())
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.55 * (tmp_path / "a" / "model.safetensors").stat().st_size
+    loaded = SpeechLLM.from_pretrained(tmp_path / "half")
+    for name, value in loaded.trainable_parameters().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, tiny_model.trainable_parameters()[name].detach(), rtol=1e-3, atol=1e-4)

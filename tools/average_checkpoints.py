@@ -4,6 +4,7 @@
     python tools/average_checkpoints.py exp/x --last 5 --out exp/x_avg5
     python tools/average_checkpoints.py exp/x --best 3 --out exp/x_best3     # lowest eval_loss
     python tools/average_checkpoints.py --dirs exp/x/checkpoint-1000 exp/y --out exp/avg
+    python tools/average_checkpoints.py --dirs exp/x --out pretrained/y --dtype float16   # one dir, halved
 
 Every safetensors file of the model dirs is averaged (model.safetensors, and llm/ when the LLM was
 fine-tuned); the other files (config, tokenizer) are copied from the first. The dirs must come from
@@ -50,7 +51,8 @@ def select(output_dir: Path, last: int | None, best: int | None) -> list[Path]:
     return sorted(scored, key=lambda p: losses[int(p.name.split("-")[1])])[:best]
 
 
-def average_dirs(dirs: list[Path], out: Path):
+def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None):
+    """dtype: store the mean in this dtype (float16 halves a shipped model dir; loading casts back)."""
     configs = {(d / CONFIG_NAME).read_text() for d in dirs}
     if len(configs) != 1:
         raise SystemExit(f"error: {[str(d) for d in dirs]} were not trained with one configuration ({CONFIG_NAME} differ)")
@@ -61,7 +63,8 @@ def average_dirs(dirs: list[Path], out: Path):
         tensors = [load_file(d / name) for d in dirs]
         if any(t.keys() != tensors[0].keys() for t in tensors):
             raise SystemExit(f"error: {name} holds different weights in {dirs}")
-        mean = {k: (sum(t[k].double() for t in tensors) / len(tensors)).to(tensors[0][k].dtype) for k in tensors[0]}
+        mean = {k: (sum(t[k].double() for t in tensors) / len(tensors)).to(dtype or tensors[0][k].dtype)
+                for k in tensors[0]}
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         save_file(mean, tmp / name)
     # the rest of a model dir (config, an LLM dir's config and tokenizer); not a checkpoint's optimizer state
@@ -79,13 +82,15 @@ def main(argv=None):
     p.add_argument("--best", type=int, help="the N checkpoints of lowest eval_loss")
     p.add_argument("--dirs", nargs="+", type=Path, help="these model / checkpoint dirs instead")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="store the averaged weights in this dtype (default: as trained)")
     args = p.parse_args(argv)
     if bool(args.dirs) == bool(args.output_dir) or (args.output_dir and bool(args.last) == bool(args.best)):
         p.error("give an output_dir with one of --last N / --best N, or --dirs")
     if args.out.exists():
         p.error(f"{args.out} exists; choose another --out")
     dirs = args.dirs or select(args.output_dir, args.last, args.best)
-    average_dirs(dirs, args.out)
+    average_dirs(dirs, args.out, getattr(torch, args.dtype) if args.dtype else None)
     print(f"averaged {len(dirs)} checkpoints ({', '.join(d.name for d in dirs)}) into {args.out}")
 
 
