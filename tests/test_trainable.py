@@ -201,3 +201,14 @@ def test_warm_start_from_a_fully_fine_tuned_dir_loads_its_llm(tiny_config, tmp_p
     stage2.load_trained(tmp_path / "stage1", warm_start=True)
     for name, value in stage1.llm.state_dict().items():
         assert torch.equal(stage2.llm.state_dict()[name], value), name
+
+
+def test_cpu_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, capsys):
+    import train
+    if torch.cuda.is_available():
+        pytest.skip("the flag is for CPU runs")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert train.cpu_bf16_autocast_wanted(True) is False
+    assert "no native bf16" in capsys.readouterr().err
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert train.cpu_bf16_autocast_wanted(True) is True and train.cpu_bf16_autocast_wanted(False) is False
