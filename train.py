@@ -26,7 +26,7 @@ from data import (Collator, InputError, LengthGroupedSampler, SpeechDataset, che
 from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, transcript_token_rate
 
 
-DEFAULT_CTC_DECODE_WEIGHT = 0.3  # the best of tools/ctc_decode_sweep.py's weights (README)
+DEFAULT_CTC_DECODE_WEIGHT = 0.3  # provisional: tools/decode_sweep.py has not yet been run on a trained CTC model
 
 
 @dataclass
