@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_model import loud_projector, make_batch
+from test_model import loud_projector, make_batch, one_utterance
 
 from decoding import CTCHead, CTCPrefixScorer, RepetitionGuard, ctc_prefix_scores, initial_state
 from model import SpeechLLM, transcript_token_rate
@@ -110,10 +110,7 @@ def test_joint_decoding_batched_equals_one_by_one(ctc_model, num_beams):
     together = [unpadded(ctc_model, ids) for ids in ctc_model.generate_ids(**batch, **options)]
     alone = []
     for i in range(len(seconds)):
-        single = {k: v[i:i + 1] for k, v in batch.items()}
-        keep = single["attention_mask"][0].bool()
-        single.update(input_ids=single["input_ids"][:, keep], attention_mask=single["attention_mask"][:, keep],
-                      audio_mask=single["audio_mask"][:, keep], mel=single["mel"][..., : single["mel_lengths"][0]])
+        single = one_utterance(batch, i)
         alone.append(unpadded(ctc_model, ctc_model.generate_ids(**single, **options)[0]))
     assert together == alone
     assert len({tuple(ids) for ids in together}) > 1

@@ -96,6 +96,15 @@ def test_only_projector_parameters_receive_gradients(tiny_model):
             assert not p.requires_grad and p.grad is None, name
 
 
+def one_utterance(batch, i):
+    """Utterance i of an inference batch as a batch of one, without its padding."""
+    single = {k: v[i:i + 1] for k, v in batch.items()}
+    keep = single["attention_mask"][0].bool()
+    single.update(input_ids=single["input_ids"][:, keep], attention_mask=single["attention_mask"][:, keep],
+                  audio_mask=single["audio_mask"][:, keep], mel=single["mel"][..., : single["mel_lengths"][0]])
+    return single
+
+
 def loud_projector(model, seed=0):
     """Large random projector weights, so that the audio steers the random LLM's output."""
     torch.manual_seed(seed)
@@ -120,10 +129,7 @@ def test_batched_greedy_equals_one_by_one(tiny_model):
     together = [unpadded(ids) for ids in tiny_model.generate_ids(**batch, **lengths)]
     alone = []
     for i in range(len(seconds)):
-        single = {k: v[i:i + 1] for k, v in batch.items()}
-        keep = single["attention_mask"][0].bool()
-        single.update(input_ids=single["input_ids"][:, keep], attention_mask=single["attention_mask"][:, keep],
-                      audio_mask=single["audio_mask"][:, keep], mel=single["mel"][..., : single["mel_lengths"][0]])
+        single = one_utterance(batch, i)
         alone.append(unpadded(tiny_model.generate_ids(**single, **lengths)[0]))
     assert together == alone
     assert len({tuple(ids) for ids in together}) > 1  # the comparison is not vacuous
