@@ -185,6 +185,12 @@ PROJECTOR_TYPES = {"conv": ConvProjector, "qwen2-audio": AvgPoolProjector, "line
 
 _AUDIO_MARKER = "\x00AUDIO\x00"  # only splits the templated text; never tokenized
 _ANSWER_MARKER = "\x00ANSWER\x00"
+# Variables every chat template is rendered with (a template that does not use one ignores it).
+# enable_thinking=False: Qwen3's non-thinking mode, its empty "<think>\n\n</think>\n\n" block in the
+# prompt (the answer is a transcript, never reasoning). date_string: Llama 3.1+ templates write it into
+# the system prompt, else today's date: training and decoding prompts would differ from one day to the
+# next. The fixed date is the Llama 3.1 template's own fallback.
+TEMPLATE_VARIABLES = dict(enable_thinking=False, date_string="26 Jul 2024")
 
 
 class ChatPrompt:
@@ -199,9 +205,10 @@ class ChatPrompt:
     def _pieces(self, instruction: str):
         if instruction not in self._cache:
             user = [{"role": "user", "content": instruction + _AUDIO_MARKER}]
-            prompt = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True,
+                                                        **TEMPLATE_VARIABLES)
             answer = [{"role": "assistant", "content": _ANSWER_MARKER}]
-            full = self.tokenizer.apply_chat_template(user + answer, tokenize=False)
+            full = self.tokenizer.apply_chat_template(user + answer, tokenize=False, **TEMPLATE_VARIABLES)
             if not full.startswith(prompt) or prompt.count(_AUDIO_MARKER) != 1:
                 raise ValueError("the tokenizer's chat template does not extend the user turn with the "
                                  "assistant turn; cannot separate prompt from answer")
