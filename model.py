@@ -7,6 +7,7 @@ SpeechLLM module (forward, generate, save/load). The pretrained parts load in lo
 """
 import contextlib
 import copy
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -630,7 +631,11 @@ class SpeechLLM(nn.Module):
         """generate_ids as text: transcripts, or (transcripts, confidences) with return_confidence."""
         out = self.generate_ids(*args, return_confidence=return_confidence, **kwargs)
         ids, confidences = out if return_confidence else (out, None)
-        texts = [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        # A row ends at its first end of turn: the padding after it is placeholder_id, a real token
+        # when the LLM has no pad token (Llama 3: token 0, "!"), which skip_special_tokens would keep.
+        eos = set(self.prompt.eos_token_ids)
+        rows = [itertools.takewhile(lambda token: token not in eos, row) for row in ids.tolist()]
+        texts = [self.tokenizer.decode(list(row), skip_special_tokens=True).strip() for row in rows]
         return (texts, confidences) if return_confidence else texts
 
     def transcribe(self, audio, num_beams: int = 1, batch_size: int = 8, instruction: str | None = None,

@@ -157,3 +157,60 @@ def test_instruction_given_at_decoding_changes_the_prompt(tiny_model, tmp_path, 
         by_flag = [p for p in prompts if f"user\n{instruction or tiny_model.config.instruction}{audio}" in p]
         assert len(per_sample) == 1 and len(by_flag) == 1, prompts
     assert "Write down every word you hear." not in tiny_model.config.instruction
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+ENGLISH = ["hello world", "good morning", "thank you very much", "see you later"]
+CHINESE = ["你好世界", "早上好", "非常感谢你", "明天见"]
+# One run per family, each also covering an encoder, projector type or language users train with:
+# family -> (Whisper's mel bins, train.py options, transcripts, the jsonl's per-sample instruction, --lang, steps).
+# A random Qwen3 (its q/k norms flatten attention) takes a projector alone longer to steer.
+END_TO_END = {
+    "qwen2": (80, ["--projector_hidden", 1024], CHINESE, "请转写这段语音。", "zh", 200),  # West's AISHELL setting
+    "qwen2.5": (128, ["--projector_type", "qwen2-audio", "--lora_rank", 8, "--lora_alpha", 32],  # Qwen2-Audio-style
+                ENGLISH, None, "en", 200),
+    "qwen3": (80, ["--projector_type", "linear", "--projector_hidden", 1024], ENGLISH, None, "en", 400),  # SLAM-ASR's
+    "llama3": (80, ["--projector_hidden", 1024], ENGLISH, None, "en", 200),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", END_TO_END)
+def test_overfit_train_then_recognize(family, family_llm_dir, tiny_whisper_path, tiny_whisper_128_path, tmp_path):
+    n_mels, options, transcripts, instruction, lang, steps = END_TO_END[family]
+    jsonl = write_corpus(tmp_path / "data", transcripts, [1.0, 1.5, 2.0, 1.2], instruction)
+    exp = tmp_path / "exp"
+    run("train.py", "--llm_model_name_or_path", family_llm_dir(family), "--whisper_model_name_or_path",
+        tiny_whisper_128_path if n_mels == 128 else tiny_whisper_path, *options, "--data_path", jsonl,
+        "--output_dir", exp, "--per_device_train_batch_size", 4, "--learning_rate", 3e-3,
+        "--lr_scheduler_type", "constant", "--max_steps", steps, "--logging_steps", 10, "--save_strategy", "no",
+        "--report_to", "none", "--seed", 1)
+    config = json.loads((exp / "speechllm_config.json").read_text())
+    assert config["projector_type"] == (options[1] if options[0] == "--projector_type" else "conv")
+
+    result_path = tmp_path / "result.txt"
+    out = run("recognize.py", "--model_dir", exp, "--data_path", jsonl, "--result_path", result_path,
+              "--batch_size", 3, "--lang", lang)
+    assert result_path.read_text(encoding="utf-8").splitlines() == [f"utt{i}\t{t}" for i, t in enumerate(transcripts)]
+    units = sum(map(len, transcripts)) if lang == "zh" else sum(len(t.split()) for t in transcripts)
+    assert f"{'CER' if lang == 'zh' else 'WER'} 0.00 [ 0 / {units}, 0 ins, 0 del, 0 sub ]" in out.stdout
+
+
+def test_text_ends_at_the_end_of_turn_without_a_pad_token(family_llm_dir, tiny_whisper_path, monkeypatch):
+    """Llama 3 has no pad token: rows that finished early are padded with token 0, "!", a real token."""
+    from model import SpeechLLM, SpeechLLMConfig
+
+    model = SpeechLLM(SpeechLLMConfig(whisper_model=str(tiny_whisper_path), llm_model=str(family_llm_dir("llama3")),
+                                      projector_hidden=64))
+    tok, eot = model.tokenizer, model.prompt.eos_token_ids[0]
+    rows = [tok("good morning", add_special_tokens=False)["input_ids"] + [eot],
+            tok("hi", add_special_tokens=False)["input_ids"] + [eot]]
+    padded = torch.tensor([row + [model.prompt.placeholder_id] * (5 - len(row)) for row in rows])
+    assert model.prompt.placeholder_id == 0 and tok.decode(padded[1], skip_special_tokens=True) == "hi!!!"
+    monkeypatch.setattr(model, "generate_ids", lambda *args, **kwargs: padded)
+    assert model.generate() == ["good morning", "hi"]
