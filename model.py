@@ -7,6 +7,7 @@ SpeechLLM module (forward, generate, save/load). The pretrained parts load in lo
 """
 import contextlib
 import copy
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -115,28 +116,69 @@ def spec_augment(mel: torch.Tensor, mel_lengths: torch.Tensor, freq_masks: int =
 
 
 class Projector(nn.Module):
-    """Conv1d(kernel=stride=k) stacks k encoder frames into one audio token, then a 2-layer MLP
-    maps it into the LLM's embedding space. k=5 on Whisper's 50 frames/s = 10 tokens/s.
+    """What every projector type shares: k encoder frames become one audio token (k=5 on Whisper's 50
+    frames/s = 10 tokens/s), the type's layers (`project`) map it into the LLM's embedding space.
     output_norm: a LayerNorm whose gain starts at the scale of the LLM's token embeddings. Without
     it the audio embeddings grew to 67x a token embedding's norm (tools/audio_use.py), swamped the
     residual stream, and the LLM's layers could no longer work on them."""
+    default_kernel = 5
 
-    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 5, hidden: int = 2048,
-                 output_norm: bool = True, ctc_blank: bool = False):
+    def __init__(self, llm_dim: int, kernel: int, output_norm: bool = True, ctc_blank: bool = False):
         super().__init__()
         self.kernel = kernel
-        self.conv = nn.Conv1d(encoder_dim, encoder_dim, kernel_size=kernel, stride=kernel)
-        self.linear1 = nn.Linear(encoder_dim, hidden)
-        self.linear2 = nn.Linear(hidden, llm_dim)
         self.norm = nn.LayerNorm(llm_dim) if output_norm else nn.Identity()
         # training only: the CTC blank's "token embedding" (see ctc_loss); unused in decoding
         self.ctc_blank = nn.Parameter(torch.zeros(llm_dim)) if ctc_blank else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, T', encoder_dim), zero beyond each utterance's valid frames
+        # x: (B, T', encoder_dim), zero beyond each utterance's valid frames, so that an utterance's
+        # last, partial group of k frames is the same in a batch as alone
         x = F.pad(x, (0, 0, 0, -x.shape[1] % self.kernel))  # (B, ceil(T'/k)*k, encoder_dim)
-        x = F.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)  # (B, ceil(T'/k), encoder_dim)
-        return self.norm(self.linear2(F.relu(self.linear1(x))))  # (B, ceil(T'/k), llm_dim)
+        return self.norm(self.project(x))  # (B, ceil(T'/k), llm_dim)
+
+
+class ConvProjector(Projector):
+    """"conv" (the default): Conv1d(kernel=stride=k) stacks k frames into one, then a 2-layer MLP."""
+
+    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 5, hidden: int = 2048, **kwargs):
+        super().__init__(llm_dim, kernel, **kwargs)
+        self.conv = nn.Conv1d(encoder_dim, encoder_dim, kernel_size=kernel, stride=kernel)
+        self.linear1 = nn.Linear(encoder_dim, hidden)
+        self.linear2 = nn.Linear(hidden, llm_dim)
+
+    def project(self, x):
+        x = F.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)  # (B, T'/k, encoder_dim)
+        return self.linear2(F.relu(self.linear1(x)))  # (B, T'/k, llm_dim)
+
+
+class AvgPoolProjector(Projector):
+    """"qwen2-audio", Qwen2-Audio's: the mean of k=2 frames (25 tokens/s), then one linear layer.
+    (Qwen2-Audio pools just before the encoder's final LayerNorm; here just after it.)"""
+    default_kernel = 2
+
+    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 2, hidden: int | None = None, **kwargs):
+        super().__init__(llm_dim, kernel, **kwargs)
+        self.linear = nn.Linear(encoder_dim, llm_dim)  # hidden: unused, no hidden layer
+
+    def project(self, x):
+        x = F.avg_pool1d(x.transpose(1, 2), self.kernel).transpose(1, 2)  # (B, T'/k, encoder_dim)
+        return self.linear(x)  # (B, T'/k, llm_dim)
+
+
+class StackingProjector(Projector):
+    """"linear", SLAM-ASR's: k consecutive frames concatenated into one vector, then linear -> ReLU -> linear."""
+
+    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 5, hidden: int = 2048, **kwargs):
+        super().__init__(llm_dim, kernel, **kwargs)
+        self.linear1 = nn.Linear(kernel * encoder_dim, hidden)
+        self.linear2 = nn.Linear(hidden, llm_dim)
+
+    def project(self, x):
+        x = x.reshape(x.shape[0], x.shape[1] // self.kernel, self.kernel * x.shape[2])  # (B, T'/k, k*encoder_dim)
+        return self.linear2(F.relu(self.linear1(x)))  # (B, T'/k, llm_dim)
+
+
+PROJECTOR_TYPES = {"conv": ConvProjector, "qwen2-audio": AvgPoolProjector, "linear": StackingProjector}
 
 
 # ----------------------------------------------------------------------------------------
@@ -144,6 +186,12 @@ class Projector(nn.Module):
 
 _AUDIO_MARKER = "\x00AUDIO\x00"  # only splits the templated text; never tokenized
 _ANSWER_MARKER = "\x00ANSWER\x00"
+# Variables every chat template is rendered with (a template that does not use one ignores it).
+# enable_thinking=False: Qwen3's non-thinking mode, its empty "<think>\n\n</think>\n\n" block in the
+# prompt (the answer is a transcript, never reasoning). date_string: Llama 3.1+ templates write it into
+# the system prompt, else today's date: training and decoding prompts would differ from one day to the
+# next. The fixed date is the Llama 3.1 template's own fallback.
+TEMPLATE_VARIABLES = dict(enable_thinking=False, date_string="26 Jul 2024")
 
 
 class ChatPrompt:
@@ -158,9 +206,10 @@ class ChatPrompt:
     def _pieces(self, instruction: str):
         if instruction not in self._cache:
             user = [{"role": "user", "content": instruction + _AUDIO_MARKER}]
-            prompt = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True,
+                                                        **TEMPLATE_VARIABLES)
             answer = [{"role": "assistant", "content": _ANSWER_MARKER}]
-            full = self.tokenizer.apply_chat_template(user + answer, tokenize=False)
+            full = self.tokenizer.apply_chat_template(user + answer, tokenize=False, **TEMPLATE_VARIABLES)
             if not full.startswith(prompt) or prompt.count(_AUDIO_MARKER) != 1:
                 raise ValueError("the tokenizer's chat template does not extend the user turn with the "
                                  "assistant turn; cannot separate prompt from answer")
@@ -269,8 +318,9 @@ def read_llm_weights(llm_dir: Path) -> dict:
 class SpeechLLMConfig:
     whisper_model: str  # name, .pt, CTranslate2 dir or a `bundled:` name
     llm_model: str  # hub id, local dir, .gguf file or a `bundled:` name
-    projector_kernel: int = 5
-    projector_hidden: int = 2048
+    projector_type: str = "conv"  # a PROJECTOR_TYPES key; configs saved before there were types are conv
+    projector_kernel: int = 5  # encoder frames per audio token, whatever the type
+    projector_hidden: int = 2048  # conv and linear
     projector_output_norm: bool = True
     ctc_weight: float = 0.0  # training: + ctc_weight * ctc_loss (audio embeddings vs the transcript's tokens)
     instruction: str = "Transcribe the speech."
@@ -324,9 +374,12 @@ class SpeechLLM(nn.Module):
         # Not a saved field: HF's DeepSpeed integration sizes its "auto" buckets from model.config.hidden_size.
         self.config.hidden_size = self.llm.config.hidden_size
         self.prompt = ChatPrompt(self.tokenizer)
-        self.projector = Projector(self.encoder.ln_post.normalized_shape[0], self.llm.config.hidden_size,
-                                   config.projector_kernel, config.projector_hidden,
-                                   config.projector_output_norm, config.ctc_weight > 0).to(dtype)
+        if config.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type {config.projector_type!r}: not one of {list(PROJECTOR_TYPES)}")
+        self.projector = PROJECTOR_TYPES[config.projector_type](
+            self.encoder.ln_post.normalized_shape[0], self.llm.config.hidden_size, config.projector_kernel,
+            config.projector_hidden, output_norm=config.projector_output_norm,
+            ctc_blank=config.ctc_weight > 0).to(dtype)
         if config.projector_output_norm:  # per-dimension RMS of the token embeddings (saved weights override it)
             token_embeds = self.llm.get_input_embeddings().weight
             with gathered_if_partitioned([token_embeds]):  # ZeRO-3 loads the LLM partitioned
@@ -379,7 +432,7 @@ class SpeechLLM(nn.Module):
 
     @property
     def device(self):
-        return self.projector.conv.weight.device
+        return next(self.projector.parameters()).device
 
     def num_audio_tokens(self, num_mel_frames: int) -> int:
         return num_audio_tokens(num_mel_frames, self.config.projector_kernel)
@@ -387,6 +440,9 @@ class SpeechLLM(nn.Module):
     def encode_audio(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         """mel: (B, n_mels, T) -> audio_embeds: (sum of num_audio_tokens over the batch, llm_dim).
         Audio longer than 30 s is encoded as consecutive 30 s windows whose tokens are concatenated."""
+        if mel.shape[1] != self.n_mels:  # else a shape error deep inside Whisper's first convolution
+            raise ValueError(f"log-mel with {mel.shape[1]} mel bins, but this Whisper encoder takes {self.n_mels} "
+                             "(large-v3: 128, earlier models: 80): compute it with data.log_mel(samples, model.n_mels)")
         window = min(mel.shape[-1], N_FRAMES_30S)
         num_windows = math.ceil(mel.shape[-1] / window)
         mel = F.pad(mel, (0, num_windows * window - mel.shape[-1]))
@@ -398,7 +454,7 @@ class SpeechLLM(nn.Module):
         encoded, frames = whisper_encode(self.encoder, windows.to(self.encoder.conv1.weight.dtype), window_lengths)
         valid_frames = torch.arange(encoded.shape[1], device=mel.device) < frames[:, None]
         encoded = encoded * valid_frames[..., None].to(encoded.dtype)
-        audio_embeds = self.projector(encoded.to(self.projector.conv.weight.dtype))  # (W, tokens, llm_dim)
+        audio_embeds = self.projector(encoded.to(next(self.projector.parameters()).dtype))  # (W, tokens, llm_dim)
         tokens = torch.arange(audio_embeds.shape[1], device=mel.device)
         valid_tokens = tokens < (frames[:, None] + self.config.projector_kernel - 1) // self.config.projector_kernel
         return audio_embeds[valid_tokens]
@@ -575,7 +631,11 @@ class SpeechLLM(nn.Module):
         """generate_ids as text: transcripts, or (transcripts, confidences) with return_confidence."""
         out = self.generate_ids(*args, return_confidence=return_confidence, **kwargs)
         ids, confidences = out if return_confidence else (out, None)
-        texts = [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        # A row ends at its first end of turn: the padding after it is placeholder_id, a real token
+        # when the LLM has no pad token (Llama 3: token 0, "!"), which skip_special_tokens would keep.
+        eos = set(self.prompt.eos_token_ids)
+        rows = [itertools.takewhile(lambda token: token not in eos, row) for row in ids.tolist()]
+        texts = [self.tokenizer.decode(list(row), skip_special_tokens=True).strip() for row in rows]
         return (texts, confidences) if return_confidence else texts
 
     def transcribe(self, audio, num_beams: int = 1, batch_size: int = 8, instruction: str | None = None,

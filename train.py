@@ -23,7 +23,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from data import (Collator, InputError, LengthGroupedSampler, SpeechDataset, check_entries, count_reasons,
                   read_jsonl)
-from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, transcript_token_rate
+from model import (CONFIG_NAME, PROJECTOR_TYPES, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig,
+                   transcript_token_rate)
 
 
 DEFAULT_CTC_DECODE_WEIGHT = 0.3  # provisional: tools/decode_sweep.py has not yet been run on a trained CTC model
@@ -33,8 +34,13 @@ DEFAULT_CTC_DECODE_WEIGHT = 0.3  # provisional: tools/decode_sweep.py has not ye
 class ModelArguments:
     llm_model_name_or_path: str = field(metadata={"help": "hub id, local directory or .gguf file"})
     whisper_model_name_or_path: str = field(metadata={"help": "whisper name, .pt file or CTranslate2 directory"})
-    projector_kernel: int = field(default=5, metadata={"help": "encoder frames per audio token (50 frames/s)"})
-    projector_hidden: int = 2048
+    projector_type: str = field(default="conv", metadata={
+        "choices": list(PROJECTOR_TYPES),
+        "help": "conv: Conv1d + 2-layer MLP; qwen2-audio: Qwen2-Audio's average pooling + one linear layer; "
+                "linear: SLAM-ASR's k frames concatenated + linear-ReLU-linear"})
+    projector_kernel: int | None = field(default=None, metadata={
+        "help": "encoder frames (50 per second) per audio token (default: 5, qwen2-audio 2)"})
+    projector_hidden: int = field(default=2048, metadata={"help": "hidden layer width (conv, linear)"})
     projector_output_norm: bool = field(default=True, metadata={
         "help": "LayerNorm on the audio embeddings, its gain starting at the token embeddings' scale"})
     ctc_weight: float = field(default=0.0, metadata={
@@ -306,7 +312,10 @@ def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     config = SpeechLLMConfig(
         whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,
-        projector_kernel=model_args.projector_kernel, projector_hidden=model_args.projector_hidden,
+        projector_type=model_args.projector_type,
+        projector_kernel=(model_args.projector_kernel if model_args.projector_kernel is not None
+                          else PROJECTOR_TYPES[model_args.projector_type].default_kernel),
+        projector_hidden=model_args.projector_hidden,
         projector_output_norm=model_args.projector_output_norm, ctc_weight=model_args.ctc_weight,
         ctc_decode_weight=(model_args.ctc_decode_weight if model_args.ctc_decode_weight is not None
                            else DEFAULT_CTC_DECODE_WEIGHT if model_args.ctc_weight > 0 else 0.0),
