@@ -24,6 +24,10 @@ def test_read_jsonl_resolves_paths_and_keys(tmp_path):
     ('{"txt": "no wav"}', 'needs a "wav"'),
     ('["a.wav"]', 'needs a "wav"'),
     ('{"key": "k1", "wav": "c.wav"}', "duplicate key 'k1' \\(first at line 1\\)"),
+    ('{"wav": "c.wav", "start": 2, "end": 1.5}', '"end" \\(1.5\\) must be after "start" \\(2\\)'),
+    ('{"wav": "c.wav", "start": -1}', '"start" must be a number of seconds >= 0, got -1'),
+    ('{"wav": "c.wav", "end": "3"}', "\"end\" must be a number of seconds >= 0, got '3'"),
+    ('{"wav": "c.wav", "end": NaN}', '"end" must be a number of seconds >= 0, got nan'),
 ])
 def test_read_jsonl_errors_name_file_and_line(tmp_path, bad_line, message):
     jsonl = tmp_path / "bad.jsonl"
