@@ -1,5 +1,5 @@
 """Data: jsonl manifests, audio loading, the check pass over a data set, log-mel features, batching and
-length-grouped sampling."""
+length-grouped sampling (a fixed number of utterances per batch, or as many as fit a budget of seconds)."""
 import json
 import math
 import os
@@ -201,11 +201,16 @@ def text_problem(entry: dict, model, max_audio_seconds: float) -> str | None:
     # non-string txt is a mistake in the manifest.
     if not isinstance(txt, str):
         return "no transcript"
-    instruction = entry.get("instruction") or model.config.instruction
-    num_tokens = len(model.prompt(instruction, model.num_audio_tokens(num_mel_frames(entry, model)), txt)["input_ids"])
-    if num_tokens > model.llm.config.max_position_embeddings:
+    entry["num_tokens"] = sequence_length(entry, model, txt)  # for --batch_seconds' token cap
+    if entry["num_tokens"] > model.llm.config.max_position_embeddings:
         return f"longer than the LLM's context ({model.llm.config.max_position_embeddings} tokens)"
     return None
+
+
+def sequence_length(entry: dict, model, txt: str | None) -> int:
+    """The LLM positions an entry takes: its chat prompt with its audio tokens, and txt (None: no transcript)."""
+    instruction = entry.get("instruction") or model.config.instruction
+    return len(model.prompt(instruction, model.num_audio_tokens(num_mel_frames(entry, model)), txt)["input_ids"])
 
 
 def num_mel_frames(entry: dict, model) -> int:
@@ -320,3 +325,72 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         full = [b for b in batches if len(b) == self.batch_size]
         rng.shuffle(full)  # a short batch (only the last group can have one) goes last
         return iter([i for batch in full + [b for b in batches if len(b) < self.batch_size] for i in batch])
+
+
+def pack_batches(order: list[int], seconds: list[float], tokens: list[int], max_seconds: float,
+                 max_tokens: int) -> list[list[int]]:
+    """`order` (longest first) cut into consecutive batches whose padded size fits both budgets: a
+    batch's utterance count x its longest clip <= max_seconds (what the encoder's input holds), and x
+    its longest LLM sequence <= max_tokens. An utterance over a budget on its own is a batch of one."""
+    batches, batch, longest, most_tokens = [], [], 0.0, 0
+    for i in order:
+        longest_with, tokens_with = max(longest, seconds[i]), max(most_tokens, tokens[i])
+        if batch and ((len(batch) + 1) * longest_with > max_seconds or (len(batch) + 1) * tokens_with > max_tokens):
+            batches.append(batch)
+            batch, longest_with, tokens_with = [], seconds[i], tokens[i]
+        batch.append(i)
+        longest, most_tokens = longest_with, tokens_with
+    return batches + [batch] if batch else batches
+
+
+def default_batch_tokens(seconds: list[float], tokens: list[int], max_seconds: float) -> int:
+    """The token cap when none is given: the LLM tokens max_seconds of the longest clips take (their
+    rate x max_seconds). Every clip brings its own chat prompt (~30 tokens), so by seconds alone a batch
+    of 0.5 s clips would hold ~5x the LLM tokens of a batch of 30 s clips; capped, a batch of short
+    clips needs no more LLM memory than the same seconds of long clips."""
+    return math.ceil(max_seconds * max(tokens) / max(seconds))
+
+
+class DurationBatchSampler(torch.utils.data.Sampler):
+    """Batches (lists of indices) of similar-length utterances, each as many as fit `max_seconds` of
+    padded audio and `max_tokens` of padded LLM sequence (pack_batches), in an order shuffled every
+    epoch. As ESPnet's and fairseq's batch samplers do, the batches are made once (from the seed:
+    equal durations fall in random order) and only their order changes between epochs: every epoch
+    then has the same number of batches, which the Trainer fixes its steps per epoch from.
+    Their count is a multiple of num_replicas (the largest batches split in two), so the ranks, which
+    take the batches in turn, all get as many: a rank short of one would hang the others."""
+
+    def __init__(self, seconds: list[float], tokens: list[int], max_seconds: float, max_tokens: int | None = None,
+                 num_replicas: int = 1, seed: int = 0):
+        self.seed, self.epoch = seed, 0
+        order = list(range(len(seconds)))
+        random.Random(seed).shuffle(order)
+        order.sort(key=lambda i: -seconds[i])  # stable: equal durations stay in shuffled order
+        self.max_tokens = max_tokens or default_batch_tokens(seconds, tokens, max_seconds)
+        self.batches = split_to_multiple(pack_batches(order, seconds, tokens, max_seconds, self.max_tokens),
+                                         num_replicas)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        batches = list(self.batches)
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(batches)  # a string seed is hashed: epochs decorrelate
+        return iter(batches)
+
+
+def split_to_multiple(batches: list[list[int]], n: int) -> list[list[int]]:
+    """Split the largest batches in two until their count is a multiple of n. Only when every batch is
+    a single utterance and they still do not divide (fewer long clips than ranks, say) are the first
+    batches repeated, as torch's DistributedSampler repeats samples."""
+    batches = list(batches)
+    while len(batches) % n:
+        largest = max(range(len(batches)), key=lambda b: len(batches[b]))
+        if len(batches[largest]) == 1:
+            return batches + (batches * n)[: n - len(batches) % n]
+        batch = batches.pop(largest)
+        batches[largest:largest] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
+    return batches
