@@ -51,8 +51,8 @@ def read_jsonl(path) -> list[dict]:
             raise InputError(f"{where}: key {entry['key']!r} is not one word (results are key<TAB>text lines; "
                              "without a \"key\" it is the wav file's name)")
         if entry["key"] in seen:
-            raise InputError(f"{where}: duplicate key {entry['key']!r} (first at {seen[entry['key']]})")
-        seen[entry["key"]] = where.replace(f"{path}:", "line ")
+            raise InputError(f"{where}: duplicate key {entry['key']!r} (first at line {seen[entry['key']]})")
+        seen[entry["key"]] = where.rsplit(":", 1)[1]
         entry["where"] = where
         entries.append(entry)
     return entries

@@ -11,9 +11,9 @@ result and its reason in `<result_path>.errors`. With --confidence, `<result_pat
 holds a line per decoded utterance: {"key", "llm_logprob", "ctc_logprob", "ctc_disagreement"}.
 
 Batches hold --batch_size utterances, or with --batch_seconds as many as fit that many seconds of
-padded audio (and --batch_tokens). Decoding (model.generate_ids): the LLM's greedy or beam search under a repetition guard and a token
-budget from each utterance's duration; joint CTC + LLM scoring with --ctc_decode_weight (default: the
-model's); --decode ctc for the CTC head alone.
+padded audio (and --batch_tokens). Decoding (model.generate_ids): the LLM's greedy or beam search
+under a repetition guard and a token budget from each utterance's duration; joint CTC + LLM scoring
+with --ctc_decode_weight (default: the model's); --decode ctc for the CTC head alone.
 """
 import argparse
 import glob
