@@ -10,9 +10,10 @@ name renamed over the old file. An utterance whose audio cannot be read gets an 
 result and its reason in `<result_path>.errors`. With --confidence, `<result_path>.confidence.jsonl`
 holds a line per decoded utterance: {"key", "llm_logprob", "ctc_logprob", "ctc_disagreement"}.
 
-Decoding (model.generate_ids): the LLM's greedy or beam search under a repetition guard and a token
-budget from each utterance's duration; joint CTC + LLM scoring with --ctc_decode_weight (default: the
-model's); --decode ctc for the CTC head alone.
+Batches hold --batch_size utterances, or with --batch_seconds as many as fit that many seconds of
+padded audio (and --batch_tokens). Decoding (model.generate_ids): the LLM's greedy or beam search
+under a repetition guard and a token budget from each utterance's duration; joint CTC + LLM scoring
+with --ctc_decode_weight (default: the model's); --decode ctc for the CTC head alone.
 """
 import argparse
 import glob
@@ -28,8 +29,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from compute_wer import format_report, score
-from data import Collator, InputError, SpeechDataset, check_entries, count_reasons, read_jsonl
-from model import CONFIG_NAME, SpeechLLM
+from data import (Collator, InputError, SpeechDataset, check_entries, count_reasons, default_batch_tokens,
+                  pack_batches, read_jsonl, sequence_length)
+from model import CONFIG_NAME, SpeechLLM, max_transcript_tokens
 
 
 def positive_int(text: str) -> int:
@@ -40,12 +42,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="a directory written by train.py / save_pretrained")
     p.add_argument("--data_path", required=True, help='jsonl lines {"key", "wav"[, "txt"]}')
     p.add_argument("--result_path", required=True)
     p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--batch_seconds", type=positive_float, default=None,
+                   help="instead of --batch_size utterances: as many as fit this many seconds of padded audio per "
+                        "batch (utterances x the longest), and --batch_tokens")
+    p.add_argument("--batch_tokens", type=positive_int, default=None,
+                   help="with --batch_seconds: at most this many padded LLM tokens per batch (utterances x the "
+                        "longest prompt + audio + token budget); default: what --batch_seconds of the longest clips take")
     p.add_argument("--num_beams", type=positive_int, default=1)
     p.add_argument("--max_new_tokens", type=positive_int, default=None,
                    help="default: each utterance's budget from its duration (the model's measured token rate)")
@@ -70,6 +85,8 @@ def parse_args(argv=None):
         p.error(f"--ctc_decode_weight must be in [0, 1), got {args.ctc_decode_weight} (CTC alone: --decode ctc)")
     if args.max_repeats < 0:
         p.error(f"--max_repeats must be >= 0, got {args.max_repeats}")
+    if args.batch_tokens and not args.batch_seconds:
+        p.error("--batch_tokens caps --batch_seconds batches: give --batch_seconds too")
     return args
 
 
@@ -162,8 +179,7 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
     # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
     entries = sorted(entries, key=lambda e: -e["duration"])
     dataset = SpeechDataset(entries, model.n_mels, model.config.instruction, model.config.pad_to_30s)
-    batches = [list(range(i, min(i + args.batch_size, len(entries)))) for i in range(0, len(entries), args.batch_size)]
-    batches = batches[rank::world_size]
+    batches = decoding_batches(model, entries, args)[rank::world_size]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(model),
                                          num_workers=1)
     with open_partial(partial) as f, tqdm(total=sum(map(len, batches)), unit="utt", disable=rank != 0) as progress:
@@ -180,6 +196,21 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
                     record["confidence"] = confidence
             append_records(f, records + [dict(key=k, error=reason) for k, reason in errors.items()])
             progress.update(len(keys) + len(errors))
+
+
+def decoding_batches(model, entries: list[dict], args) -> list[list[int]]:
+    """Consecutive indices of `entries` (longest first): --batch_size at a time, or with --batch_seconds
+    as many as fit its padded seconds and --batch_tokens (the LLM sequence being the prompt with its
+    audio tokens and the utterance's token budget: what the KV cache grows to)."""
+    if not entries:
+        return []
+    if not args.batch_seconds:
+        return [list(range(i, min(i + args.batch_size, len(entries)))) for i in range(0, len(entries), args.batch_size)]
+    seconds = [e["duration"] for e in entries]
+    tokens = [sequence_length(e, model, None) + (args.max_new_tokens or max_transcript_tokens(
+        e["duration"], model.config.max_tokens_per_second, model.config.max_tokens_extra)) for e in entries]
+    max_tokens = args.batch_tokens or default_batch_tokens(seconds, tokens, args.batch_seconds)
+    return pack_batches(list(range(len(entries))), seconds, tokens, args.batch_seconds, max_tokens)
 
 
 def write_results(result_path: Path, entries: list[dict], problems: list[dict],

@@ -11,6 +11,7 @@ import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,10 +20,10 @@ import transformers.trainer
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer import SCHEDULER_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, seed_worker
 
-from data import (Collator, InputError, LengthGroupedSampler, SpeechDataset, check_entries, count_reasons,
-                  read_jsonl)
+from data import (Collator, DurationBatchSampler, InputError, LengthGroupedSampler, SpeechDataset, check_entries,
+                  count_reasons, read_jsonl)
 from model import (CONFIG_NAME, PROJECTOR_TYPES, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig,
                    transcript_token_rate)
 
@@ -76,6 +77,12 @@ class DataArguments:
     data_path: str = field(metadata={"help": 'jsonl lines {"key", "wav", "txt"}'})
     eval_data_path: str | None = None
     length_grouped: bool = field(default=True, metadata={"help": "batches of similar duration (less padding)"})
+    batch_seconds: float | None = field(default=None, metadata={
+        "help": "instead of --per_device_train_batch_size utterances: as many as fit this many seconds of padded "
+                "audio per batch (utterances x the longest), and --batch_tokens"})
+    batch_tokens: int | None = field(default=None, metadata={
+        "help": "with --batch_seconds: at most this many padded LLM tokens per batch (utterances x the longest "
+                "prompt + audio + transcript); default: what --batch_seconds of the longest clips take"})
     pad_text_to: int | None = field(default=None, metadata={
         "help": "pad every batch's tokens to at least this length (West v0: 512); only to measure its cost"})
     max_audio_seconds: float = field(default=30.0, metadata={"help": "longer utterances are skipped (counted)"})
@@ -182,11 +189,14 @@ def free_port() -> int:
 
 
 class SpeechLLMTrainer(Trainer):
-    """Trainer that samples length-grouped batches and saves only what trains."""
+    """Trainer that samples length-grouped batches (a fixed size, or by duration) and saves only what trains."""
 
-    def __init__(self, *args, train_durations=None, cpu_bf16_autocast=False, encoder_learning_rate=None, **kwargs):
+    def __init__(self, *args, train_durations=None, train_batch_sampler=None, cpu_bf16_autocast=False,
+                 encoder_learning_rate=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_durations = train_durations  # None: the Trainer's own random sampler
+        self.train_batch_sampler = train_batch_sampler  # a DurationBatchSampler: batches of varying size
+        self.length_sampler = None
         self.cpu_bf16_autocast = cpu_bf16_autocast
         self.encoder_learning_rate = encoder_learning_rate
 
@@ -218,8 +228,23 @@ class SpeechLLMTrainer(Trainer):
         self.length_sampler = LengthGroupedSampler(self.train_durations, self._train_batch_size, seed=self.args.seed)
         return self.length_sampler
 
+    def get_train_dataloader(self):
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        # Batches of varying size go to the DataLoader as its batch_sampler (the Trainer's own loader
+        # only takes a sampler of indices). accelerate deals them to the ranks in turn; their count is a
+        # multiple of the world size, so no rank waits for a batch and none is repeated.
+        self.length_sampler = self.train_batch_sampler
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=self.train_batch_sampler, collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index))
+        return self.accelerator.prepare(loader)
+
     def _run_epoch(self, *args, epoch, **kwargs):
-        # accelerate's skip-batches wrapper (used on resume) does not forward set_epoch to our sampler
+        # accelerate's skip-batches wrapper (used on resume) does not forward set_epoch to our samplers
         if self.length_sampler is not None:
             self.length_sampler.set_epoch(epoch)
         return super()._run_epoch(*args, epoch=epoch, **kwargs)
@@ -263,6 +288,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
              "ctc_decode_weight": ">= 0, < 1", "lora_rank": ">= 0",
              "lora_alpha": "> 0", "lora_dropout": ">= 0, < 1", "train_encoder_layers": ">= -1",
              "encoder_learning_rate": ">= 0", "pad_text_to": ">= 1", "max_audio_seconds": "> 0",
+             "batch_seconds": "> 0", "batch_tokens": ">= 1",
              # TrainingArguments takes any of these; our sampler and the Trainer's steps cannot
              "per_device_train_batch_size": ">= 1", "per_device_eval_batch_size": ">= 1",
              "gradient_accumulation_steps": ">= 1"}
@@ -275,6 +301,10 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
             raise InputError(f"--{name} must be {rule}, got {value}")
     if model_args.ctc_decode_weight and not model_args.ctc_weight:
         raise InputError("--ctc_decode_weight needs the CTC head that --ctc_weight > 0 trains")
+    if data_args.batch_seconds and not data_args.length_grouped:
+        raise InputError("--batch_seconds makes length-grouped batches: it cannot go with --length_grouped False")
+    if data_args.batch_tokens and not data_args.batch_seconds:
+        raise InputError("--batch_tokens caps --batch_seconds batches: give --batch_seconds too")
 
 
 def cpu_bf16_autocast_wanted(asked: bool) -> bool:
@@ -343,9 +373,20 @@ def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
     eval_dataset = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     config.max_tokens_per_second, config.max_tokens_extra = training_token_rate(model, train_dataset.entries)
     train_durations = [e["duration"] for e in train_dataset.entries] if data_args.length_grouped else None
+    train_batch_sampler = None
+    if data_args.batch_seconds:
+        train_batch_sampler = DurationBatchSampler(
+            train_durations, [e["num_tokens"] for e in train_dataset.entries], data_args.batch_seconds,
+            data_args.batch_tokens, num_replicas=args.world_size, seed=args.seed)
+        if args.process_index == 0:
+            sizes = [len(b) for b in train_batch_sampler.batches]
+            print(f"--batch_seconds {data_args.batch_seconds:g}, --batch_tokens {train_batch_sampler.max_tokens}: "
+                  f"{len(sizes)} batches of {min(sizes)}-{max(sizes)} utterances ({sum(sizes) / len(sizes):.1f} on average)",
+                  flush=True)
     trainer = SpeechLLMTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=Collator(model, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
+        train_batch_sampler=train_batch_sampler,
         cpu_bf16_autocast=cpu_bf16_autocast_wanted(model_args.cpu_bf16_autocast),
         encoder_learning_rate=model_args.encoder_learning_rate)
     last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None

@@ -96,3 +96,21 @@ def test_smoke_trainable_table_is_complete(tmp_path, tiny_llm_dir, tiny_whisper_
     for row in rows:
         assert len(row) == 6 and all(number(cell.removesuffix(" M")) > 0 for cell in row[1:])
     assert rows[0][5] == "1.00x"
+
+
+@pytest.mark.slow
+def test_smoke_batching_table_is_complete(tmp_path, tiny_llm_dir, tiny_whisper_path):
+    """--batching: one row per fixed batch size and per --batch_seconds, every number in range."""
+    out = run_bench(tmp_path, tiny_llm_dir, tiny_whisper_path, "--batching", "--batching_sizes", "1", "2",
+                    "--batching_seconds", "3", "5")
+    rows = table(out, "training batches")
+    assert [row[0] for row in rows] == ["1 utterances per batch", "2 utterances per batch", "--batch_seconds 3",
+                                        "--batch_seconds 5"]
+    for row in rows:
+        assert len(row) == 7 and number(row[1]) >= 1
+        low, high = map(int, row[2].split("-"))
+        assert 1 <= low <= high
+        assert all(0 <= number(cell) < 100 for cell in row[3:5]) and all(number(cell) > 0 for cell in row[5:])
+    assert rows[0][2] == "1-1" and number(rows[0][3]) == 0  # one clip per batch pads nothing
+    with pytest.raises(StopIteration):
+        table(out, "decoding")  # --batching runs only its own table

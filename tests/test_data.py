@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import soundfile
 import torch
 from conftest import synth_audio
 
-from data import Collator, LengthGroupedSampler, load_audio, log_mel, read_jsonl
+from data import Collator, DurationBatchSampler, LengthGroupedSampler, load_audio, log_mel, pack_batches, read_jsonl
 
 
 def test_read_jsonl_resolves_paths_and_keys(tmp_path):
@@ -24,6 +25,10 @@ def test_read_jsonl_resolves_paths_and_keys(tmp_path):
     ('{"txt": "no wav"}', 'needs a "wav"'),
     ('["a.wav"]', 'needs a "wav"'),
     ('{"key": "k1", "wav": "c.wav"}', "duplicate key 'k1' \\(first at line 1\\)"),
+    ('{"wav": "c.wav", "start": 2, "end": 1.5}', '"end" \\(1.5\\) must be after "start" \\(2\\)'),
+    ('{"wav": "c.wav", "start": -1}', '"start" must be a number of seconds >= 0, got -1'),
+    ('{"wav": "c.wav", "end": "3"}', "\"end\" must be a number of seconds >= 0, got '3'"),
+    ('{"wav": "c.wav", "end": NaN}', '"end" must be a number of seconds >= 0, got nan'),
 ])
 def test_read_jsonl_errors_name_file_and_line(tmp_path, bad_line, message):
     jsonl = tmp_path / "bad.jsonl"
@@ -88,3 +93,64 @@ def test_length_grouped_sampler_groups_and_is_deterministic():
     random_spread = np.mean([np.ptp(rng.choice(durations, 4)) for _ in range(500)])
     assert spread < 0.3 * random_spread  # batches hold similar lengths
     assert len(first[200:]) == 3  # the one short batch comes last
+
+
+def wide_spread(n=301, seed=0):
+    """Durations from 0.5 to 30 s (most of them short, as real corpora), and LLM sequence lengths:
+    a 30-token prompt + 10 audio tokens/s + ~3 transcript tokens/s."""
+    rng = np.random.default_rng(seed)
+    seconds = np.clip(rng.lognormal(1.2, 0.9, n), 0.5, 30).round(2).tolist()
+    return seconds, [30 + int(13 * s) + int(rng.integers(0, 5)) for s in seconds]
+
+
+@pytest.mark.parametrize("max_seconds, max_tokens, replicas", [(60, None, 1), (60, None, 2), (45, 400, 3), (10, None, 8)])
+def test_duration_batches_fit_the_budget_and_hold_every_utterance_once(max_seconds, max_tokens, replicas):
+    seconds, tokens = wide_spread()
+    sampler = DurationBatchSampler(seconds, tokens, max_seconds, max_tokens, num_replicas=replicas, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) and len(batches) % replicas == 0  # every rank gets as many
+    assert sorted(i for b in batches for i in b) == list(range(len(seconds)))  # each utterance once
+    cap = max_tokens or sampler.max_tokens
+    for b in batches:
+        assert len(b) * max(seconds[i] for i in b) <= max_seconds or len(b) == 1  # a clip over budget goes alone
+        assert len(b) * max(tokens[i] for i in b) <= cap or len(b) == 1
+    # the padded audio is close to the audio itself: batches hold similar lengths
+    padded = sum(len(b) * max(seconds[i] for i in b) for b in batches)
+    assert padded < 1.15 * sum(seconds)
+
+
+def test_duration_batches_are_deterministic_and_reshuffled_each_epoch():
+    seconds, tokens = wide_spread()
+    sampler = DurationBatchSampler(seconds, tokens, 60, seed=3)
+    first = list(sampler)
+    assert list(DurationBatchSampler(seconds, tokens, 60, seed=3)) == first
+    assert list(DurationBatchSampler(seconds, tokens, 60, seed=4)) != first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(map(sorted, second)) == sorted(map(sorted, first))  # same batches, new order
+    assert len(second) == len(first)  # the Trainer fixes its steps per epoch from the first
+    sizes = [len(b) for b in first]
+    assert max(sizes) > 4 * min(sizes)  # short clips come many to a batch, long ones few
+
+
+def test_duration_batches_cap_llm_tokens_of_short_clips():
+    """By seconds alone, 120 clips of 0.5 s would share a batch with 120 chat prompts; the default cap
+    lets a batch of short clips hold no more LLM tokens than 60 s of the 30 s clips (2 x 420)."""
+    seconds, tokens = [30.0] * 4 + [0.5] * 120, [420] * 4 + [40] * 120
+    sampler = DurationBatchSampler(seconds, tokens, 60)
+    assert sampler.max_tokens == 2 * 420
+    assert sorted(len(b) for b in sampler) == [2, 2, 15] + [21] * 5
+
+
+def test_pack_batches_gives_an_over_budget_clip_a_batch_of_its_own():
+    assert pack_batches([0, 1, 2, 3], [40.0, 20.0, 10.0, 9.0], [1, 1, 1, 1], 30, 100) == [[0], [1], [2, 3]]
+    assert pack_batches([0, 1, 2], [1.0, 1.0, 1.0], [50, 60, 30], 30, 100) == [[0], [1], [2]]  # 2 x 60 > 100
+    assert pack_batches([0, 1, 2], [1.0, 1.0, 1.0], [50, 30, 20], 30, 100) == [[0, 1], [2]]
+
+
+def test_duration_batches_on_more_ranks_than_can_split():
+    """Three clips that each fill the budget alone, on two ranks: the first batch is repeated, as
+    torch's DistributedSampler repeats samples, so both ranks get two batches."""
+    batches = list(DurationBatchSampler([20.0, 20.0, 20.0], [100, 100, 100], 30, num_replicas=2))
+    assert len(batches) == 4 and all(len(b) == 1 for b in batches)
+    assert sorted(Counter(i for b in batches for i in b).values()) == [1, 1, 2]

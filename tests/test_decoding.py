@@ -287,3 +287,39 @@ def test_recognize_refuses_bad_decoding_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
         recognize.parse_args(["--model_dir", "m", "--data_path", "d", "--result_path", "r", *flags])
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_recognize_batch_seconds_decodes_as_batch_size_and_a_segment_as_its_cut_file(ctc_model, tmp_path):
+    """recognize.py --batch_seconds: batches within the budget, the same text as fixed batches (an
+    utterance decodes the same in any batch). A segment line decodes as the file of its cut audio."""
+    import json
+    from types import SimpleNamespace
+
+    import soundfile
+
+    import recognize
+    from conftest import write_corpus
+    from data import check_entries, load_audio, read_jsonl
+
+    ctc_model.save_pretrained(tmp_path / "model")
+    jsonl = write_corpus(tmp_path / "data", list("abcdef"), [0.6, 3.0, 1.0, 2.0, 0.8, 1.4])
+    soundfile.write(tmp_path / "data" / "cut.wav", load_audio(tmp_path / "data" / "utt1.wav")[8000:32000], 16000,
+                    subtype="FLOAT")
+    with open(jsonl, "a") as f:
+        f.write(json.dumps(dict(key="segment", wav="utt1.wav", start=0.5, end=2.0)) + "\n")
+        f.write(json.dumps(dict(key="cut", wav="cut.wav")) + "\n")
+    common = ["--model_dir", str(tmp_path / "model"), "--data_path", str(jsonl), "--max_new_tokens", "6"]
+    fixed = recognize.main(common + ["--result_path", str(tmp_path / "fixed.txt"), "--batch_size", "2"])
+    # (a token cap of its own: the default, 3 s of the longest clip's tokens, leaves no room for two prompts)
+    by_seconds = recognize.main(common + ["--result_path", str(tmp_path / "seconds.txt"), "--batch_seconds", "3",
+                                          "--batch_tokens", "500"])
+    assert by_seconds == fixed and len(fixed) == 8
+    assert fixed["segment"] == fixed["cut"]
+
+    entries, _ = check_entries(read_jsonl(jsonl), ctc_model, for_training=False)
+    entries = sorted(entries, key=lambda e: -e["duration"])
+    args = SimpleNamespace(batch_seconds=3.0, batch_tokens=500, batch_size=16, max_new_tokens=6)
+    batches = recognize.decoding_batches(ctc_model, entries, args)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert [len(b) for b in batches] != [8] and max(len(b) for b in batches) > 1
+    assert all(len(b) * max(entries[i]["duration"] for i in b) <= 3.0 or len(b) == 1 for b in batches)

@@ -102,15 +102,31 @@ def test_two_ranks_train_one_model(mode, trains, tmp_path, tiny_llm_dir, tiny_wh
     assert len(model.transcribe([synth_audio(0, 1.0)], num_beams=2)) == 1
 
 
+# --batch_seconds 5.2 on clips of 1.0-1.7 s: batches of 3, 3 and 2 clips, one split so both ranks get
+# two per epoch
+BATCHING = {"fixed": [], "seconds": ["--batch_seconds", "5.2"]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,trains", [("zero3", "projector"), ("ddp", "projector"), ("zero3", "lora+encoder"),
-                                         ("ddp", "lora+encoder")])
-def test_resume_after_crash_is_bit_exact(mode, trains, tmp_path, tiny_llm_dir, tiny_whisper_path):
+@pytest.mark.parametrize("mode,trains,batching", [
+    ("zero3", "projector", "fixed"), ("ddp", "projector", "fixed"), ("zero3", "lora+encoder", "fixed"),
+    ("ddp", "lora+encoder", "fixed"), ("ddp", "projector", "seconds")])
+def test_resume_after_crash_is_bit_exact(mode, trains, batching, tmp_path, tiny_llm_dir, tiny_whisper_path):
     """Crash at step 5 (checkpoint at 3), rerun the same command: the final trained weights equal an
     uninterrupted run's bit for bit (same data order, RNG and optimizer state after resume)."""
-    jsonl = write_corpus(tmp_path / "data", TRANSCRIPTS, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7])
-    args = (tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, launch_args(mode, trains))
+    durations = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
+    jsonl = write_corpus(tmp_path / "data", TRANSCRIPTS, durations)
+    args = (tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, launch_args(mode, trains) + BATCHING[batching])
     straight, _, straight_records = traced_torchrun(*args, name="straight", max_steps=6)
+    if batching == "seconds":  # 3 epochs of 2 batches per rank
+        batches = {rank: [r["batch"] for r in straight_records[rank] if "batch" in r] for rank in (0, 1)}
+        assert len(batches[0]) == len(batches[1]) == 6
+        assert len({len(b) for b in batches[0] + batches[1]}) > 1  # sizes vary with the clips' lengths
+        seconds = dict(zip(TRANSCRIPTS, durations))
+        for epoch in range(3):
+            epoch_batches = [b for rank in (0, 1) for b in batches[rank][2 * epoch:2 * epoch + 2]]
+            assert sorted(t for b in epoch_batches for t in b) == sorted(TRANSCRIPTS)  # each clip once an epoch
+            assert all(len(b) * max(seconds[t] for t in b) <= 5.2 for b in epoch_batches)
     traced_torchrun(*args, name="crashed", max_steps=6, crash_at_step=5)
     crashed_dir = tmp_path / "expcrashed"
     assert sorted(p.name for p in crashed_dir.iterdir()) == ["checkpoint-3"]  # step 4 was lost

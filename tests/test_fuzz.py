@@ -375,7 +375,8 @@ def test_training_trains_on_what_the_check_pass_keeps_and_counts_the_rest(model,
 
 @pytest.mark.parametrize("option, value", [("--batch_size", "0"), ("--batch_size", "-2"), ("--num_beams", "0"),
                                            ("--max_new_tokens", "0"), ("--max_new_tokens", "-1"),
-                                           ("--batch_size", "two")])
+                                           ("--batch_size", "two"), ("--batch_seconds", "0"), ("--batch_seconds", "nan"),
+                                           ("--batch_seconds", "inf"), ("--batch_tokens", "0")])
 def test_recognize_refuses_out_of_range_options(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit:
         recognize.main(["--model_dir", str(tmp_path / "no_model"), "--data_path", str(tmp_path / "no.jsonl"),

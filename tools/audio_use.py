@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from data import Collator, load_audio, log_mel, read_jsonl  # noqa: E402
+from data import Collator, load_entry_audio, log_mel, read_jsonl  # noqa: E402
 from model import SpeechLLM  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main(argv=None):
 
     model = SpeechLLM.from_pretrained(args.model_dir)
     entries = read_jsonl(args.data_path)[: args.num_utts]
-    mels = [log_mel(load_audio(e["wav"]), model.n_mels, model.config.pad_to_30s) for e in entries]
+    mels = [log_mel(load_entry_audio(e), model.n_mels, model.config.pad_to_30s) for e in entries]
     own = [dict(mel=mel, txt=e["txt"], instruction=model.config.instruction) for mel, e in zip(mels, entries)]
     neighbours = [dict(item, mel=mels[(i + 1) % len(mels)]) for i, item in enumerate(own)]
     collate = Collator(model)

@@ -3,6 +3,8 @@
     python tools/bench.py                 # real offline weights, the first 32 clips of corpus/dev.jsonl
     python tools/bench.py --levers        # + one row per speed lever switched off (or on) alone
     python tools/bench.py --trainable     # + training rows for what trains: LoRA, encoder blocks, the LLM
+    python tools/bench.py --batching --data_path corpus/mix/train.jsonl --num_clips 256   # only: fixed batch
+                                          # sizes vs --batch_seconds, on a random sample of clips of all lengths
     python tools/bench.py --smoke --whisper tiny.pt --llm tiny_llm_dir --data_path clips.jsonl   # CI
 
 West v0 reproduced with our own flags: every clip padded to 30 s (pad_to_30s: 300 audio tokens),
@@ -16,6 +18,12 @@ collate, generate, detokenize), longest clips first as recognize.py batches them
 audio time. Whisper's own `transcribe` (greedy, fp32) on the same arrays is the speed anchor. Every
 time is the median of --repeats runs (--west_repeats for the minutes-long West-v0 rows); every
 setting gets the same token budget; WER is scored by compute_wer.score, like recognize.py.
+
+--batching: training batches of a fixed number of utterances (length-grouped, as train.py's default)
+against train.py --batch_seconds (DurationBatchSampler with its default token cap), each setting one
+pass over every clip in a process of its own: audio seconds per wall second over the whole pass, the
+padded share of the encoder's input (mel frames) and of the LLM's (tokens), and peak RSS. The clips are
+a random sample (--seed) of --data_path, so a corpus of mixed lengths is covered whatever its order.
 """
 import argparse
 import json
@@ -37,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from compute_wer import score  # noqa: E402
-from data import SAMPLE_RATE, Collator, LengthGroupedSampler, load_audio, log_mel, read_jsonl  # noqa: E402
+from data import (SAMPLE_RATE, Collator, DurationBatchSampler, LengthGroupedSampler, load_entry_audio, log_mel,  # noqa: E402
+                  read_jsonl, sequence_length)
 from model import CONFIG_NAME, SpeechLLM, SpeechLLMConfig, load_whisper, max_transcript_tokens  # noqa: E402
 from whisper_baseline import whisper_transcribe  # noqa: E402  (tools/, this file's folder)
 
@@ -63,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's own default")
     p.add_argument("--levers", action="store_true", help="also measure each speed lever alone")
     p.add_argument("--trainable", action="store_true", help="also train LoRA, encoder blocks, the whole LLM")
+    p.add_argument("--batching", action="store_true",
+                   help="only the batching table: fixed batch sizes vs --batch_seconds, one training pass each")
+    p.add_argument("--batching_sizes", type=int, nargs="+", default=[4, 8, 16], help="fixed utterances per batch")
+    p.add_argument("--batching_seconds", type=float, nargs="+", default=[60.0, 120.0], help="--batch_seconds values")
     p.add_argument("--smoke", action="store_true", help="4 clips, one timed step, one pass: for the tiny test models (CI)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one job in a child process
     args = p.parse_args(argv)
@@ -90,6 +103,7 @@ class Setting:
     bf16_autocast: bool = False
     threads: int | None = None  # None: --threads
     batch_size: int = 8
+    batch_seconds: float | None = None  # training: DurationBatchSampler batches instead of batch_size
     num_beams: int = 1
     trains: str = "projector"  # a key of TRAINS
 
@@ -148,11 +162,18 @@ def decoding_settings(args) -> list[tuple[Setting, str | None]]:
 # The measurements (each runs inside a worker process)
 
 
+def chosen_entries(args) -> list[dict]:
+    """The first --num_clips of --data_path; with --batching a random sample, to span its lengths."""
+    entries = read_jsonl(args.data_path)
+    if args.batching:
+        return random.Random(args.seed).sample(entries, min(args.num_clips, len(entries)))
+    return entries[: args.num_clips]
+
+
 def load_clips(args) -> list[dict]:
-    entries = read_jsonl(args.data_path)[: args.num_clips]
     clips = []
-    for entry in entries:
-        audio = load_audio(entry["wav"])
+    for entry in chosen_entries(args):
+        audio = load_entry_audio(entry)
         clips.append(dict(key=entry["key"], txt=entry["txt"], audio=audio, seconds=len(audio) / SAMPLE_RATE))
     return clips
 
@@ -209,14 +230,7 @@ def measure_training(args, setting: Setting) -> dict:
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
 
     def step(indices) -> float:
-        start = time.perf_counter()
-        batch = collate([items[i] for i in indices])
-        with autocast:
-            loss = training_loss(model, batch, setting)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return train_step(model, optimizer, collate([items[i] for i in indices]), setting, autocast)
 
     step(batches[0])  # warm-up: first-touch allocations
     timed = [batches[i % len(batches)] for i in range(args.train_steps)]
@@ -226,6 +240,53 @@ def measure_training(args, setting: Setting) -> dict:
         model_dir_mb = sum(f.stat().st_size for f in Path(model_dir).rglob("*.safetensors")) / 2**20
     return dict(audio_per_s=statistics.median(speeds), trainable_params=sum(p.numel() for p in trainable.values()),
                 model_dir_mb=model_dir_mb, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def train_step(model: SpeechLLM, optimizer, batch: dict, setting: Setting, autocast) -> float:
+    """forward + backward + optimizer step on a collated batch -> wall seconds (collating is the caller's)."""
+    start = time.perf_counter()
+    with autocast:
+        loss = training_loss(model, batch, setting)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def batching_settings(args) -> list[Setting]:
+    return [Setting(f"{b} utterances per batch", batch_size=b) for b in args.batching_sizes] + [
+        Setting(f"--batch_seconds {s:g}", batch_seconds=s) for s in args.batching_seconds]
+
+
+def measure_batching(args, setting: Setting) -> dict:
+    """One training pass over every clip in the setting's batches: speed over the whole pass (batches
+    differ in size, so no per-step median), the padded share of the mel frames and of the LLM tokens."""
+    clips, model = load_clips(args), build_model(args)
+    autocast = apply(setting, model, args)
+    model.train()
+    items = [dict(mel=log_mel(c["audio"], model.n_mels), txt=c["txt"], instruction=model.config.instruction)
+             for c in clips]
+    seconds = [c["seconds"] for c in clips]
+    if setting.batch_seconds:
+        tokens = [sequence_length(dict(duration=c["seconds"]), model, c["txt"]) for c in clips]
+        batches = list(DurationBatchSampler(seconds, tokens, setting.batch_seconds, seed=args.seed))
+    else:
+        order = list(LengthGroupedSampler(seconds, setting.batch_size, seed=args.seed))
+        batches = [order[i:i + setting.batch_size] for i in range(0, len(order), setting.batch_size)]
+    collate = Collator(model)
+    optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=1e-4)
+    train_step(model, optimizer, collate([items[i] for i in batches[0]]), setting, autocast)  # warm-up
+    elapsed, frames, tokens_used = 0.0, [0, 0], [0, 0]  # [real, padded]
+    for indices in batches:
+        start = time.perf_counter()
+        batch = collate([items[i] for i in indices])
+        elapsed += time.perf_counter() - start + train_step(model, optimizer, batch, setting, autocast)
+        frames = [frames[0] + int(batch["mel_lengths"].sum()), frames[1] + batch["mel"].shape[0] * batch["mel"].shape[-1]]
+        tokens_used = [tokens_used[0] + int(batch["attention_mask"].sum()), tokens_used[1] + batch["attention_mask"].numel()]
+    sizes = [len(b) for b in batches]
+    return dict(batches=len(batches), min_size=min(sizes), max_size=max(sizes), audio_per_s=sum(seconds) / elapsed,
+                audio_padding=1 - frames[0] / frames[1], token_padding=1 - tokens_used[0] / tokens_used[1],
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def measure_decoding(args, settings: list[Setting]) -> list[dict]:
@@ -284,6 +345,8 @@ def run_worker(args) -> None:
     job = json.loads(args.worker)
     if job["kind"] == "train":
         result = measure_training(args, Setting(**job["setting"]))
+    elif job["kind"] == "batching":
+        result = measure_batching(args, Setting(**job["setting"]))
     elif job["kind"] == "decode":
         result = measure_decoding(args, [Setting(**s) for s in job["settings"]])
     else:
@@ -365,6 +428,15 @@ def levers_table(args, train_rows, decode_rows) -> list[str]:
     return lines
 
 
+def batching_table(rows, num_clips: int) -> list[str]:
+    lines = [f"| training batches (one pass over {num_clips} clips) | batches | utterances per batch | audio padding % "
+             "| token padding % | audio s / wall s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    for setting, r in rows:
+        lines.append(f"| {setting.name} | {r['batches']} | {r['min_size']}-{r['max_size']} | {100 * r['audio_padding']:.1f} "
+                     f"| {100 * r['token_padding']:.1f} | {r['audio_per_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    return lines
+
+
 def goals(train_rows, decode_rows, whisper_row) -> list[str]:
     ours_train, west_train = train_rows[0][2], train_rows[1][2]
     ours = {(s.batch_size, s.num_beams): r for s, lever, r in decode_rows if s.name == "ours"}
@@ -400,8 +472,17 @@ def main(argv=None):
         return run_worker(args)
     import transformers
 
-    clips_seconds = [len(load_audio(e["wav"])) / SAMPLE_RATE for e in read_jsonl(args.data_path)[: args.num_clips]]
+    clips_seconds = [len(load_entry_audio(e)) / SAMPLE_RATE for e in chosen_entries(args)]
     start = time.perf_counter()
+    if args.batching:
+        rows = [(s, in_worker(argv, dict(kind="batching", setting=asdict(s)))) for s in batching_settings(args)]
+        print(f"## tools/bench.py --batching: {len(clips_seconds)} clips sampled from {args.data_path} "
+              f"({sum(clips_seconds):.1f} s of audio, {min(clips_seconds):.1f}-{max(clips_seconds):.1f} s), "
+              f"torch threads {args.threads or DEFAULT_THREADS}, load average at the end {os.getloadavg()[0]:.1f}; "
+              f"total {time.perf_counter() - start:.0f} s")
+        print()
+        print("\n".join(batching_table(rows, len(clips_seconds))))
+        return
     train_rows = [(s, lever, in_worker(argv, dict(kind="train", setting=asdict(s)))) for s, lever in training_settings(args)]
     decode_settings = decoding_settings(args)
     decode_results = in_worker(argv, dict(kind="decode", settings=[asdict(s) for s, _ in decode_settings]))

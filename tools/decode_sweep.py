@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compute_wer import score  # noqa: E402
-from data import check_entries, load_audio, read_jsonl  # noqa: E402
+from data import check_entries, load_entry_audio, read_jsonl  # noqa: E402
 from model import SpeechLLM  # noqa: E402
 import recognize  # noqa: E402
 
@@ -55,12 +55,11 @@ def looping(text: str, max_repeats: int = 3, max_ngram: int = 8) -> bool:
 
 def make_long_clips(dev_path: str, out: Path, min_seconds: float = 45.0, max_seconds: float = 60.0) -> Path:
     """Consecutive clips (key order) of one scene joined into 45-60 s clips -> their jsonl."""
-    entries = read_jsonl(dev_path)
-    base = Path(dev_path).parent
+    entries, _ = check_entries(read_jsonl(dev_path), None, for_training=False)  # durations (of segments too)
     (out / "long").mkdir(parents=True, exist_ok=True)
     groups, current, seconds, scene = [], [], 0.0, None
     for e in sorted(entries, key=lambda e: e["key"]):
-        d = soundfile.info(str(base / e["wav"])).duration
+        d = e["duration"]
         if current and (e.get("scene") != scene or seconds + d > max_seconds):
             if seconds >= min_seconds:
                 groups.append(current)
@@ -71,7 +70,7 @@ def make_long_clips(dev_path: str, out: Path, min_seconds: float = 45.0, max_sec
         groups.append(current)
     lines, pause = [], np.zeros(int(0.3 * 16000), np.float32)
     for i, group in enumerate(groups):
-        audio = np.concatenate([np.concatenate([load_audio(str(base / e["wav"])), pause]) for e in group])
+        audio = np.concatenate([np.concatenate([load_entry_audio(e), pause]) for e in group])
         soundfile.write(out / "long" / f"long{i:02d}.wav", audio, 16000, subtype="PCM_16")
         lines.append(dict(key=f"long{i:02d}", wav=f"long/long{i:02d}.wav", txt=" ".join(e["txt"] for e in group)))
     path = out / "long.jsonl"
@@ -123,8 +122,7 @@ def main(argv=None):
             else:
                 hyps, elapsed = run_setting(model, entries, SETTINGS[setting], result_path, args.batch_size, args.device)
                 timing.write_text(f"{elapsed:.2f}\n")
-            audio_seconds = audio_seconds or sum(soundfile.info(str(Path(data_path).parent / e["wav"])).duration
-                                                 for e in entries)
+            audio_seconds = audio_seconds or sum(e["duration"] for e in check_entries(entries, None, for_training=False)[0])
             result = score({e["key"]: e["txt"] for e in entries}, hyps)
             row = dict(setting=setting, dev=name, wer=round(result.error_rate, 2), ins=result.ins,
                        looping=sum(map(looping, hyps.values())),

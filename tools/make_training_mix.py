@@ -79,6 +79,8 @@ def read_sources(paths: list[str]) -> tuple[list[dict], int]:
             if entry["key"] in seen:
                 raise InputError(f"{entry['where']}: key {entry['key']!r} is also in an earlier source")
             seen.add(entry["key"])
+            if "start" in entry or "end" in entry:  # the clips below are built from whole files
+                raise InputError(f"{entry['where']}: segments (start/end) are not supported here: cut them into files first")
             entries.append(dict(entry, source=index))
     usable, _ = check_entries(entries, None, for_training=False)
     usable = [e for e in usable if isinstance(e.get("txt"), str) and e["duration"] <= MAX_SECONDS]

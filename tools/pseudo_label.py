@@ -42,7 +42,7 @@ import whisper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import BadAudio, InputError, load_audio, read_jsonl  # noqa: E402
+from data import BadAudio, InputError, load_entry_audio, read_jsonl  # noqa: E402
 from model import load_whisper  # noqa: E402
 
 BATCH_SIZE = 8
@@ -110,7 +110,7 @@ def transcribe_entries(model, entries: list[dict], beam_size: int | None = None)
     results, short = [None] * len(entries), []
     for i, entry in enumerate(entries):
         try:
-            samples = load_audio(entry["wav"])
+            samples = load_entry_audio(entry)
         except BadAudio as e:
             results[i] = dict(error=f"audio {e}")
             continue

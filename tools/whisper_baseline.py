@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compute_wer import format_report, score  # noqa: E402
-from data import SAMPLE_RATE, load_audio, read_jsonl  # noqa: E402
+from data import SAMPLE_RATE, load_entry_audio, read_jsonl  # noqa: E402
 from model import load_whisper  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main(argv=None):
     hyps, audio_seconds = {}, 0.0
     start = time.perf_counter()
     for entry in entries:
-        samples = load_audio(entry["wav"])
+        samples = load_entry_audio(entry)
         audio_seconds += len(samples) / SAMPLE_RATE
         hyps[entry["key"]] = whisper_transcribe(model, samples, args.beam_size)
     elapsed = time.perf_counter() - start
