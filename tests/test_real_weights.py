@@ -74,8 +74,9 @@ def test_shipped_projector_loads_from_bundled_names_and_transcribes():
 
 @pytest.mark.slow
 def test_shipped_projector_transcribes_the_examples():
-    """The demo's decoding of examples/ (beam 4): the shipped projector prints WER 61.02 there, its
-    stage 1 alone 71.19, and the first shipped one, which wrote fluent sentences of its own, 123.73."""
+    """The demo's decoding of examples/ (beam 4): the projector shipped before this model printed WER
+    61.02 there, its stage 1 alone 71.19, and the first shipped one, which wrote fluent sentences of
+    its own, 123.73."""
     from compute_wer import score
     from data import read_jsonl
     from model import SpeechLLM
