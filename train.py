@@ -24,8 +24,8 @@ from transformers.trainer_utils import get_last_checkpoint, seed_worker
 
 from data import (Collator, DurationBatchSampler, InputError, LengthGroupedSampler, SpeechDataset, check_entries,
                   count_reasons, read_jsonl)
-from model import (CONFIG_NAME, PROJECTOR_TYPES, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig,
-                   transcript_token_rate)
+from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, transcript_token_rate
+from projectors import PROJECTOR_TYPES
 
 
 DEFAULT_CTC_DECODE_WEIGHT = 0.5  # measured on the real-speech dev, greedy: w 0 57.85, 0.3 48.77, 0.5 44.87 (README)
@@ -263,6 +263,11 @@ class SpeechLLMTrainer(Trainer):
         # (not used with DeepSpeed) A checkpoint holds only what trains; the rest is pretrained.
         self.accelerator.unwrap_model(model or self.model).load_trained(resume_from_checkpoint)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and not self.is_deepspeed_enabled:
+            check_optimizer_state(self.optimizer, checkpoint)
+
     def _save_optimizer_and_scheduler(self, output_dir):
         if not self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
@@ -270,6 +275,20 @@ class SpeechLLMTrainer(Trainer):
         self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint) -> None:
+    """A resumed optimizer state is matched to the parameters by position alone. A checkpoint saved by
+    code that orders or shapes them differently would hand Adam moments of the wrong shape to a
+    parameter: the fused CPU kernel then crashes (SIGSEGV), the others train on nonsense."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.ndim and value.shape != param.shape:
+                    raise InputError(
+                        f"{checkpoint}: its optimizer state does not fit this model (a {tuple(value.shape)} {name!r} "
+                        f"for a {tuple(param.shape)} parameter): it was saved by other code or options. Start a "
+                        f"new run from its weights instead: --init_from {checkpoint} and a new --output_dir")
 
 
 def load_checkpoint_without_frozen(engine, checkpoint_path, load_module_strict=True):

@@ -187,6 +187,24 @@ def test_training_skips_counts_and_lists_bad_utterances(tmp_path, tiny_llm_dir, 
     assert f"warning: skipped {jsonl}:8: {tmp_path / 'data' / 'damaged.flac'}: unreadable" in out.err
 
 
+def test_resume_refuses_an_optimizer_state_that_does_not_fit_the_model(tmp_path, tiny_llm_dir, tiny_whisper_path):
+    """Adam's state is matched to parameters by position: a checkpoint from code that orders them
+    otherwise must stop with a clear error, not crash the fused kernel (seen: SIGSEGV) or train on."""
+    jsonl = write_corpus(tmp_path / "data", ["one", "two"], [1.0, 1.2])
+    args = train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl, "--save_strategy", "steps", "--save_steps", "1")
+    train.main(args + ["--max_steps", "1"])
+    for final in ["model.safetensors", "speechllm_config.json"]:  # as if killed after the checkpoint
+        (tmp_path / "exp" / final).unlink()
+    optimizer_file = tmp_path / "exp" / "checkpoint-1" / "optimizer.pt"
+    saved = torch.load(optimizer_file, weights_only=True)
+    order = list(saved["state"])
+    saved["state"] = {new: saved["state"][old] for new, old in zip(order, order[::-1])}  # the same moments, reordered
+    torch.save(saved, optimizer_file)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'exp' / 'checkpoint-1'}: its optimizer state does "
+                                                   "not fit this model (a (")):
+        train.main(args + ["--max_steps", "2"])
+
+
 def test_strict_training_stops_before_any_step(tmp_path, tiny_llm_dir, tiny_whisper_path):
     jsonl = write_corpus(tmp_path / "data", ["one", "two"], [1.0, 1.2])
     add_lines(jsonl, [{"key": "gone", "wav": "gone.wav", "txt": "x"}, {"key": "blank", "wav": "utt0.wav", "txt": None}])
