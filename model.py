@@ -1,9 +1,10 @@
 """SpeechLLM: a frozen Whisper encoder -> a trainable projector -> a frozen causal LLM.
 
-Read top to bottom: the encoder forward on trimmed audio, the projector, prompt building with the
-LLM's chat template, the merge of audio embeddings into the text embeddings, what trains (the
-projector; optionally LoRA on the LLM, the encoder's top blocks, or the whole LLM), and the
-SpeechLLM module (forward, generate, save/load). The pretrained parts load in loading.py.
+Read top to bottom: the encoder forward on trimmed audio, the merge of audio embeddings into the
+text embeddings, what trains (the projector; optionally LoRA on the LLM, the encoder's top blocks,
+or the whole LLM), and the SpeechLLM module (forward, generate, save/load). Elsewhere: the pretrained
+parts load in loading.py, the projector types are in projectors.py, the chat prompt in prompt.py,
+and the decoding strategies (CTC prefix scoring, guards) in decoding.py.
 """
 import contextlib
 import copy
@@ -25,6 +26,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from decoding import (CTCHead, CTCPrefixScorer, RepetitionGuard, TokenBudget, ctc_logits, hypothesis_log_probs,
                       token_edit_distance)
 from loading import load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
+from projectors import PROJECTOR_TYPES
+from prompt import ChatPrompt
 
 N_FRAMES_30S = whisper.audio.N_FRAMES  # 3000 mel frames = 30 s, Whisper's whole context
 CONFIG_NAME = "speechllm_config.json"
@@ -32,7 +35,7 @@ WEIGHTS_NAME = "model.safetensors"  # the name HF Trainer looks for when resumin
 
 
 # ----------------------------------------------------------------------------------------
-# Encoder on trimmed input, projector, audio token count
+# Encoder on trimmed input, audio token count (the projector types: projectors.py)
 
 
 def num_encoder_frames(num_mel_frames: torch.Tensor) -> torch.Tensor:
@@ -115,132 +118,8 @@ def spec_augment(mel: torch.Tensor, mel_lengths: torch.Tensor, freq_masks: int =
     return mel
 
 
-class Projector(nn.Module):
-    """What every projector type shares: k encoder frames become one audio token (k=5 on Whisper's 50
-    frames/s = 10 tokens/s), the type's layers (`project`) map it into the LLM's embedding space.
-    output_norm: a LayerNorm whose gain starts at the scale of the LLM's token embeddings. Without
-    it the audio embeddings grew to 67x a token embedding's norm (tools/audio_use.py), swamped the
-    residual stream, and the LLM's layers could no longer work on them."""
-    default_kernel = 5
-
-    def __init__(self, llm_dim: int, kernel: int, output_norm: bool = True, ctc_blank: bool = False):
-        super().__init__()
-        self.kernel = kernel
-        self.norm = nn.LayerNorm(llm_dim) if output_norm else nn.Identity()
-        # training only: the CTC blank's "token embedding" (see ctc_loss); unused in decoding
-        self.ctc_blank = nn.Parameter(torch.zeros(llm_dim)) if ctc_blank else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, T', encoder_dim), zero beyond each utterance's valid frames, so that an utterance's
-        # last, partial group of k frames is the same in a batch as alone
-        x = F.pad(x, (0, 0, 0, -x.shape[1] % self.kernel))  # (B, ceil(T'/k)*k, encoder_dim)
-        return self.norm(self.project(x))  # (B, ceil(T'/k), llm_dim)
-
-
-class ConvProjector(Projector):
-    """"conv" (the default): Conv1d(kernel=stride=k) stacks k frames into one, then a 2-layer MLP."""
-
-    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 5, hidden: int = 2048, **kwargs):
-        super().__init__(llm_dim, kernel, **kwargs)
-        self.conv = nn.Conv1d(encoder_dim, encoder_dim, kernel_size=kernel, stride=kernel)
-        self.linear1 = nn.Linear(encoder_dim, hidden)
-        self.linear2 = nn.Linear(hidden, llm_dim)
-
-    def project(self, x):
-        x = F.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)  # (B, T'/k, encoder_dim)
-        return self.linear2(F.relu(self.linear1(x)))  # (B, T'/k, llm_dim)
-
-
-class AvgPoolProjector(Projector):
-    """"qwen2-audio", Qwen2-Audio's: the mean of k=2 frames (25 tokens/s), then one linear layer.
-    (Qwen2-Audio pools just before the encoder's final LayerNorm; here just after it.)"""
-    default_kernel = 2
-
-    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 2, hidden: int | None = None, **kwargs):
-        super().__init__(llm_dim, kernel, **kwargs)
-        self.linear = nn.Linear(encoder_dim, llm_dim)  # hidden: unused, no hidden layer
-
-    def project(self, x):
-        x = F.avg_pool1d(x.transpose(1, 2), self.kernel).transpose(1, 2)  # (B, T'/k, encoder_dim)
-        return self.linear(x)  # (B, T'/k, llm_dim)
-
-
-class StackingProjector(Projector):
-    """"linear", SLAM-ASR's: k consecutive frames concatenated into one vector, then linear -> ReLU -> linear."""
-
-    def __init__(self, encoder_dim: int, llm_dim: int, kernel: int = 5, hidden: int = 2048, **kwargs):
-        super().__init__(llm_dim, kernel, **kwargs)
-        self.linear1 = nn.Linear(kernel * encoder_dim, hidden)
-        self.linear2 = nn.Linear(hidden, llm_dim)
-
-    def project(self, x):
-        x = x.reshape(x.shape[0], x.shape[1] // self.kernel, self.kernel * x.shape[2])  # (B, T'/k, k*encoder_dim)
-        return self.linear2(F.relu(self.linear1(x)))  # (B, T'/k, llm_dim)
-
-
-PROJECTOR_TYPES = {"conv": ConvProjector, "qwen2-audio": AvgPoolProjector, "linear": StackingProjector}
-
-
 # ----------------------------------------------------------------------------------------
-# Prompt building and the merge of audio into text embeddings
-
-_AUDIO_MARKER = "\x00AUDIO\x00"  # only splits the templated text; never tokenized
-_ANSWER_MARKER = "\x00ANSWER\x00"
-# Variables every chat template is rendered with (a template that does not use one ignores it).
-# enable_thinking=False: Qwen3's non-thinking mode, its empty "<think>\n\n</think>\n\n" block in the
-# prompt (the answer is a transcript, never reasoning). date_string: Llama 3.1+ templates write it into
-# the system prompt, else today's date: training and decoding prompts would differ from one day to the
-# next. The fixed date is the Llama 3.1 template's own fallback.
-TEMPLATE_VARIABLES = dict(enable_thinking=False, date_string="26 Jul 2024")
-
-
-class ChatPrompt:
-    """Token ids of one sample: the chat template's user turn = instruction + audio placeholders,
-    its assistant turn = transcript + end-of-turn. Pieces are tokenized once per instruction."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.placeholder_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._cache = {}
-
-    def _pieces(self, instruction: str):
-        if instruction not in self._cache:
-            user = [{"role": "user", "content": instruction + _AUDIO_MARKER}]
-            prompt = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True,
-                                                        **TEMPLATE_VARIABLES)
-            answer = [{"role": "assistant", "content": _ANSWER_MARKER}]
-            full = self.tokenizer.apply_chat_template(user + answer, tokenize=False, **TEMPLATE_VARIABLES)
-            if not full.startswith(prompt) or prompt.count(_AUDIO_MARKER) != 1:
-                raise ValueError("the tokenizer's chat template does not extend the user turn with the "
-                                 "assistant turn; cannot separate prompt from answer")
-            before_audio, after_audio = prompt.split(_AUDIO_MARKER)
-            answer_prefix, end_of_turn = full[len(prompt):].split(_ANSWER_MARKER)
-            # The template's trailing newline after end-of-turn is never generated, so not trained.
-            end_of_turn = end_of_turn.rstrip()
-            self._cache[instruction] = (self._ids(before_audio), self._ids(after_audio + answer_prefix),
-                                        self._ids(end_of_turn))
-        return self._cache[instruction]
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds the specials
-
-    @property
-    def end_of_turn_ids(self) -> list[int]:
-        """The tokens that close every answer (labels end with them); the same for any instruction."""
-        return self._pieces("")[2]
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return list(dict.fromkeys(self.end_of_turn_ids[:1] + [self.tokenizer.eos_token_id]))
-
-    def __call__(self, instruction: str, num_audio_tokens: int, transcript: str | None = None) -> dict:
-        """-> input_ids, audio_mask (True at placeholders), labels (-100 except the answer + end-of-turn).
-        Without a transcript: the prompt up to the assistant's answer, for generation."""
-        before_audio, after_audio, end_of_turn = self._pieces(instruction)
-        prompt = before_audio + [self.placeholder_id] * num_audio_tokens + after_audio
-        answer = [] if transcript is None else self._ids(transcript) + end_of_turn
-        audio_mask = [False] * len(before_audio) + [True] * num_audio_tokens + [False] * (len(after_audio) + len(answer))
-        return dict(input_ids=prompt + answer, audio_mask=audio_mask, labels=[-100] * len(prompt) + answer)
+# The merge of audio into the text embeddings (the prompt's ids: prompt.py)
 
 
 def merge_audio_embeds(inputs_embeds: torch.Tensor, audio_embeds: torch.Tensor, audio_mask: torch.Tensor):

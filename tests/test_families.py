@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, synth_audio, write_corpus
 from transformers import AutoTokenizer
 
-from model import TEMPLATE_VARIABLES, ChatPrompt
+from prompt import TEMPLATE_VARIABLES, ChatPrompt
 
 FAMILIES = ["smollm2", "qwen2", "qwen2.5", "qwen3", "llama3"]
 INSTRUCTION = "Transcribe the speech."

@@ -1,4 +1,4 @@
-"""The projector types (model.PROJECTOR_TYPES), each tested as the default conv one is: the audio
+"""The projector types (projectors.PROJECTOR_TYPES), each tested as the default conv one is: the audio
 token count follows its rate, a batch encodes as its utterances one by one, save/load round-trips."""
 import json
 import math
@@ -10,7 +10,8 @@ from conftest import synth_audio
 from test_model import make_batch
 
 from data import log_mel
-from model import N_FRAMES_30S, PROJECTOR_TYPES, SpeechLLM, SpeechLLMConfig
+from model import N_FRAMES_30S, SpeechLLM, SpeechLLMConfig
+from projectors import PROJECTOR_TYPES
 
 TOKENS_PER_SECOND = {"conv": 10, "qwen2-audio": 25, "linear": 10}  # at each type's default kernel
 
