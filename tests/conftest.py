@@ -17,6 +17,12 @@ sys.path.insert(0, str(ROOT))
 
 from model import SpeechLLM, SpeechLLMConfig, resolve_bundled  # noqa: E402
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the workers share the cores
+    # torch's default (a thread per core in every worker, and in every CLI a test starts) oversubscribes
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def smollm2_gguf() -> Path:
     return Path(resolve_bundled("bundled:smollm2-135m-instruct"))
@@ -115,6 +121,16 @@ def tiny_whisper_128_path(tmp_path_factory) -> Path:
 def tiny_config(tiny_llm_dir, tiny_whisper_path) -> SpeechLLMConfig:
     return SpeechLLMConfig(whisper_model=str(tiny_whisper_path), llm_model=str(tiny_llm_dir),
                            projector_kernel=5, projector_hidden=64)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device of this machine: a test that takes it runs on the CPU, and on the GPU when there is
+    one, so that `pytest tests` on a GPU machine checks the CUDA path too."""
+    return torch.device(request.param)
 
 
 @pytest.fixture()

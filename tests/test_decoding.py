@@ -103,7 +103,8 @@ def test_weight_zero_decodes_exactly_as_the_llm_alone(ctc_model, num_beams):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_joint_decoding_batched_equals_one_by_one(ctc_model, num_beams):
+def test_joint_decoding_batched_equals_one_by_one(ctc_model, num_beams, device):
+    ctc_model.to(device)
     seconds = [0.8, 2.6, 1.7]
     batch = make_batch(ctc_model, seconds, inference=True)
     options = dict(num_beams=num_beams, ctc_weight=0.3)

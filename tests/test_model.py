@@ -14,7 +14,11 @@ def make_batch(model, seconds, transcripts=None, inference=False, instruction=IN
     transcripts = transcripts or ["hello"] * len(seconds)
     items = [dict(mel=log_mel(synth_audio(i, s), model.n_mels, model.config.pad_to_30s), txt=t,
                   instruction=instruction) for i, (s, t) in enumerate(zip(seconds, transcripts))]
-    return Collator(model, inference=inference)(items)
+    return on_device(Collator(model, inference=inference)(items), model.device)
+
+
+def on_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("seconds", [0.05, 1.0, 2.3, 29.99, 30.0, 45.5])
@@ -112,7 +116,8 @@ def loud_projector(model, seed=0):
         torch.nn.init.normal_(p, std=0.3)
 
 
-def test_batched_greedy_equals_one_by_one(tiny_model):
+def test_batched_greedy_equals_one_by_one(tiny_model, device):
+    tiny_model.to(device)
     loud_projector(tiny_model)
     seconds = [0.8, 2.6, 1.7, 1.2]
     batch = make_batch(tiny_model, seconds, inference=True)
@@ -182,7 +187,8 @@ def test_save_pretrained_from_pretrained_reproduces_outputs(tiny_model, tmp_path
                             max_new_tokens=None)
 
 
-def test_loss_on_label_positions_only_equals_the_llms_own_loss(tiny_model):
+def test_loss_on_label_positions_only_equals_the_llms_own_loss(tiny_model, device):
+    tiny_model.to(device)
     loud_projector(tiny_model)
     batch = make_batch(tiny_model, [1.0, 2.4, 0.6], ["one", "two three four five", "six seven"])
     embeds = tiny_model.embed(batch["mel"], batch["mel_lengths"], batch["input_ids"], batch["audio_mask"])
@@ -198,14 +204,15 @@ def mixed_batch(model):
     instructions = [INSTRUCTION, INSTRUCTION, "Write down what is said."]
     items = [dict(mel=log_mel(synth_audio(i, s), model.n_mels), instruction=instruction)
              for i, (s, instruction) in enumerate(zip([0.8, 2.6, 1.7], instructions))]
-    return Collator(model, inference=True)(items)
+    return on_device(Collator(model, inference=True)(items), model.device)
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
 @pytest.mark.parametrize("rows", [[0, 1], [0, 1, 2]])  # one shared instruction; mixed instructions
-def test_prefix_kv_cache_decodes_exactly_as_without(tiny_model, num_beams, rows):
+def test_prefix_kv_cache_decodes_exactly_as_without(tiny_model, num_beams, rows, device):
     from model import shared_prefix_length
 
+    tiny_model.to(device)
     loud_projector(tiny_model)
     batch = {k: v[rows] for k, v in mixed_batch(tiny_model).items()}
     assert (batch["attention_mask"][:, 0] == 0).any()  # left padding is in play

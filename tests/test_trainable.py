@@ -151,10 +151,10 @@ def test_warm_start_loads_what_the_dir_holds_and_refuses_to_drop_weights(tiny_co
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_bf16_weights_forward_backward_generate(tiny_config, setting):
+def test_bf16_weights_forward_backward_generate(tiny_config, setting, device):
     """The GPU path's dtype: bf16 weights everywhere (CPU runs bf16 too). Its most likely failure is a
     dtype mismatch between the audio embeddings, LoRA adapters and the LLM."""
-    model = build(tiny_config, setting, dtype=torch.bfloat16)
+    model = build(tiny_config, setting, dtype=torch.bfloat16).to(device)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     model.train()
     batch = make_batch(model, [1.0, 1.6], ["hello world", "good morning"])
