@@ -38,6 +38,7 @@ SETTINGS = {
     "ctc": dict(decode="ctc"),
     "llm beam4": dict(ctc_decode_weight=0.0, num_beams=4),
     "joint 0.3 beam4": dict(ctc_decode_weight=0.3, num_beams=4),
+    "joint 0.5 beam4": dict(ctc_decode_weight=0.5, num_beams=4),
 }
 ECHOES = ("helpful ai assistant", "smollm", "transcribe the speech", "hugging face")
 

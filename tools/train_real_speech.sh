@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The shipped real-speech model, from nothing: the corpora, the training mix, then projector + LoRA
-# training on CPU, warm-started from the TTS-trained projector (stage 1). Every step is resumable:
-# re-running the same command skips what exists and resumes training from its last checkpoint.
+# training on CPU, warm-started from the TTS-trained projector (stage 1), then + the encoder's top
+# blocks (stage 3, in OUT/stage3), then more of the same (stage 4, in OUT/stage4). Every step is
+# resumable: re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash tools/install_tts.sh && bash tools/install_real_speech.sh
 #   bash tools/train_real_speech.sh exp/real [extra train.py flags]
 # INIT: the stage-1 projector dir (default: the projector shipped before this model, taken from git
@@ -20,9 +21,24 @@ fi
 [ -f corpus/dev.jsonl ] || python tools/make_corpus.py --out corpus --num_train 4000 --num_dev 300 --jobs 2
 [ -f corpus/mix/train.jsonl ] || python tools/make_training_mix.py \
   --sources corpus/train.jsonl corpus/real/train.jsonl --out corpus/mix --jobs 2
-NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out" \
-  --data_path corpus/mix/train.jsonl --eval_data_path corpus/real/dev.jsonl --init_from "$init" \
-  --lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2 \
-  --learning_rate 5e-4 --warmup_steps 30 --max_steps 600 \
-  --eval_strategy steps --eval_steps 150 --save_steps 50 --save_total_limit 8 --logging_steps 10 \
-  "$@"
+common=(--data_path corpus/mix/train.jsonl --eval_data_path corpus/real/dev.jsonl
+  --lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2
+  --eval_strategy steps --save_steps 50 --save_total_limit 8 --logging_steps 10)
+# Stage 2: projector + LoRA r8 from the stage-1 projector, cosine over 600 steps. Stage 3 starts from
+# its step 450 (where the shipped run was stopped for time): once that checkpoint exists, this stage
+# is done (kill it there to save the remaining 150 steps).
+if [ ! -d "$out/checkpoint-450" ]; then
+  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out" "${common[@]}" --init_from "$init" \
+    --learning_rate 5e-4 --warmup_steps 30 --max_steps 600 --eval_steps 150 "$@"
+fi
+# Stage 3: + the encoder's top 2 blocks (lr 1e-4), a new cosine over 420 steps at lr 3e-4.
+if [ ! -d "$out/stage3/checkpoint-420" ]; then
+  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage3" "${common[@]}" --init_from "$out/checkpoint-450" \
+    --train_encoder_layers 2 --encoder_learning_rate 1e-4 \
+    --learning_rate 3e-4 --warmup_steps 20 --max_steps 420 --eval_steps 140 "$@"
+fi
+# Stage 4: the same parts, a third cosine (lr 2.5e-4, encoder 8e-5) over 400 steps: stage 3's dev loss
+# was still falling when its learning rate ran out.
+NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage4" "${common[@]}" --init_from "$out/stage3/checkpoint-420" \
+  --train_encoder_layers 2 --encoder_learning_rate 8e-5 \
+  --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 "$@"
