@@ -163,6 +163,22 @@ def load_audio(path, start: float | None = None, end: float | None = None) -> np
     return np.clip(samples, -1.0, 1.0, dtype=np.float32)
 
 
+def long_audio_pieces(samples: np.ndarray, max_seconds: float, window_seconds: float = 0.1) -> list[tuple[int, int]]:
+    """(start, end) sample spans of at most max_seconds that cover `samples` end to end. Each cut is at
+    the quietest 100 ms in the last 40% of its piece, a pause if there is one: the model was trained
+    on clips of up to 30 s, and one prompt holding several 30 s windows is beyond anything it saw."""
+    max_len, window = round(max_seconds * SAMPLE_RATE), round(window_seconds * SAMPLE_RATE)
+    energy = np.concatenate([[0.0], np.cumsum(samples.astype(np.float64) ** 2)])
+    pieces, start = [], 0
+    while len(samples) - start > max_len:
+        lo, hi = start + round(0.6 * max_len), start + max_len - window  # window starts to search
+        window_energy = energy[lo + window:hi + window + 1] - energy[lo:hi + 1]  # (hi - lo + 1,)
+        cut = lo + int(np.argmin(window_energy)) + window // 2  # the middle of the quietest window
+        pieces.append((start, cut))
+        start = cut
+    return pieces + [(start, len(samples))]
+
+
 def audio_problem(entry: dict) -> str | None:
     """Why an entry's audio (its file, or its segment) cannot be used, from its header; None if it looks
     fine. Sets entry["duration"] from the header. Only float files (WAV FLOAT/DOUBLE) can hold NaN or

@@ -518,22 +518,27 @@ class SpeechLLM(nn.Module):
         return (texts, confidences) if return_confidence else texts
 
     def transcribe(self, audio, num_beams: int = 1, batch_size: int = 8, instruction: str | None = None,
-                   **generate_kwargs) -> list[str]:
-        """Notebook use: file paths or 16 kHz float arrays -> transcripts (in input order)."""
-        from data import Collator, load_audio, log_mel
+                   chunk_seconds: float = 30.0, **generate_kwargs) -> list[str]:
+        """Notebook use: file paths or 16 kHz float arrays -> transcripts (in input order). Audio longer
+        than chunk_seconds is decoded in pieces cut at pauses, as recognize.py does (0: in one piece)."""
+        from data import Collator, load_audio, log_mel, long_audio_pieces
 
         items = audio if isinstance(audio, (list, tuple)) else [audio]
+        pieces = []  # (item index, samples)
+        for index, item in enumerate(items):
+            samples = load_audio(item) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.float32)
+            spans = long_audio_pieces(samples, chunk_seconds) if chunk_seconds else [(0, len(samples))]
+            pieces += [(index, samples[a:b]) for a, b in spans]
         collate = Collator(self, inference=True)
-        texts = []
-        for start in range(0, len(items), batch_size):
-            batch = []
-            for item in items[start:start + batch_size]:
-                samples = load_audio(item) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.float32)
-                batch.append(dict(mel=log_mel(samples, self.n_mels, self.config.pad_to_30s),
-                                  instruction=instruction or self.config.instruction))
+        texts = [[] for _ in items]
+        for start in range(0, len(pieces), batch_size):
+            chunk = pieces[start:start + batch_size]
+            batch = [dict(mel=log_mel(samples, self.n_mels, self.config.pad_to_30s),
+                          instruction=instruction or self.config.instruction) for _, samples in chunk]
             inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate(batch).items()}
-            texts += self.generate(**inputs, num_beams=num_beams, **generate_kwargs)
-        return texts
+            for (index, _), text in zip(chunk, self.generate(**inputs, num_beams=num_beams, **generate_kwargs)):
+                texts[index].append(text)
+        return [" ".join(t for t in parts if t) for parts in texts]
 
     def save_pretrained(self, save_dir, state_dict: dict | None = None):
         """What trained (trainable_parameters, safetensors) and the config; the frozen parts come from

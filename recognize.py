@@ -29,8 +29,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from compute_wer import format_report, score
-from data import (Collator, InputError, SpeechDataset, check_entries, count_reasons, default_batch_tokens,
-                  pack_batches, read_jsonl, sequence_length)
+from data import (SAMPLE_RATE, BadAudio, Collator, InputError, SpeechDataset, check_entries, count_reasons,
+                  default_batch_tokens, load_entry_audio, long_audio_pieces, pack_batches, read_jsonl, sequence_length)
 from model import CONFIG_NAME, SpeechLLM, max_transcript_tokens
 
 
@@ -74,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--confidence", action="store_true",
                    help="also write <result_path>.confidence.jsonl: per utterance the LLM's mean token "
                         "log-prob and, with a CTC head, CTC's log-prob and disagreement (one more LLM pass)")
+    p.add_argument("--chunk_seconds", type=float, default=30.0,
+                   help="audio longer than this is decoded in pieces of at most this many seconds, cut at pauses, "
+                        "and their texts joined (0: one prompt whatever the length)")
     p.add_argument("--instruction", default=None, help="default: the one the model was trained with")
     p.add_argument("--whisper_model_name_or_path", default=None, help="override the path in the model config")
     p.add_argument("--llm_model_name_or_path", default=None, help="override the path in the model config")
@@ -83,6 +86,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.ctc_decode_weight is not None and not 0 <= args.ctc_decode_weight < 1:
         p.error(f"--ctc_decode_weight must be in [0, 1), got {args.ctc_decode_weight} (CTC alone: --decode ctc)")
+    if not 0 <= args.chunk_seconds < float("inf") or 0 < args.chunk_seconds < 1:
+        p.error(f"--chunk_seconds must be 0 (off) or >= 1, got {args.chunk_seconds}")
     if args.max_repeats < 0:
         p.error(f"--max_repeats must be >= 0, got {args.max_repeats}")
     if args.batch_tokens and not args.batch_seconds:
@@ -130,7 +135,56 @@ def read_partials(result_path: Path) -> dict[str, dict]:
             kept = records.get(record["key"], {})
             if "confidence" not in kept or "confidence" in record:  # a re-decode with confidence wins
                 records[record["key"]] = record
-    return records
+    return join_pieces(records)
+
+
+def split_long_entries(entries: list[dict], chunk_seconds: float) -> list[dict]:
+    """Entries longer than chunk_seconds -> an entry per piece (a segment of the same file, cut at a
+    pause), keyed "KEY i/n": keys are one word, so no user key looks like that. An entry whose audio
+    fails to load stays whole, and its error is reported as usual."""
+    if not chunk_seconds:
+        return entries
+    out = []
+    for entry in entries:
+        if entry["duration"] <= chunk_seconds:
+            out.append(entry)
+            continue
+        try:
+            pieces = long_audio_pieces(load_entry_audio(entry), chunk_seconds)
+        except BadAudio:
+            out.append(entry)
+            continue
+        offset = entry.get("start") or 0.0
+        out += [entry | dict(key=f"{entry['key']} {i}/{len(pieces)}", start=offset + a / SAMPLE_RATE,
+                             end=offset + b / SAMPLE_RATE, duration=(b - a) / SAMPLE_RATE)
+                for i, (a, b) in enumerate(pieces)]
+    return out
+
+
+def join_pieces(records: dict[str, dict]) -> dict[str, dict]:
+    """The records of an entry's pieces ("KEY i/n") -> one record for KEY once all n are there: their
+    texts joined, the first error if any failed, confidences averaged. Pieces of an entry not yet
+    complete (a killed run) are dropped: the entry is decoded again."""
+    pieces = {}  # key -> {i: record}
+    joined = {}
+    for key, record in records.items():
+        if " " in key:
+            parent, position = key.split(" ")
+            pieces.setdefault((parent, int(position.split("/")[1])), {})[int(position.split("/")[0])] = record
+        else:
+            joined[key] = record
+    for (key, n), parts in pieces.items():
+        if len(parts) < n:
+            continue
+        parts = [parts[i] for i in range(n)]
+        if errors := [p["error"] for p in parts if "error" in p]:
+            joined[key] = dict(key=key, error=errors[0])
+            continue
+        joined[key] = dict(key=key, text=" ".join(p["text"] for p in parts if p["text"]))
+        if all("confidence" in p for p in parts):
+            joined[key]["confidence"] = {name: sum(p["confidence"][name] for p in parts) / n
+                                         for name in parts[0]["confidence"]}
+    return joined
 
 
 def open_partial(path: Path):
@@ -177,7 +231,7 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
     """Decode this rank's share of `entries` (longest first), appending each batch's records to `partial`."""
     # Longest first: batches of similar length waste little padding, and memory peaks at once. Whole
     # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
-    entries = sorted(entries, key=lambda e: -e["duration"])
+    entries = sorted(split_long_entries(entries, args.chunk_seconds), key=lambda e: -e["duration"])
     dataset = SpeechDataset(entries, model.n_mels, model.config.instruction, model.config.pad_to_30s)
     batches = decoding_batches(model, entries, args)[rank::world_size]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(model),

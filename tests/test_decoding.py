@@ -282,7 +282,9 @@ def test_recognize_writes_confidence_and_decodes_with_ctc(ctc_model, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--ctc_decode_weight", "1.0"], "must be in \\[0, 1\\)"),
-                                            (["--max_repeats", "-1"], "must be >= 0")])
+                                            (["--max_repeats", "-1"], "must be >= 0"),
+                                            (["--chunk_seconds", "0.5"], "must be 0 \\(off\\) or >= 1"),
+                                            (["--chunk_seconds", "nan"], "must be 0 \\(off\\) or >= 1")])
 def test_recognize_refuses_bad_decoding_flags(flags, message, capsys):
     import recognize
     with pytest.raises(SystemExit):
@@ -324,3 +326,78 @@ def test_recognize_batch_seconds_decodes_as_batch_size_and_a_segment_as_its_cut_
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert [len(b) for b in batches] != [8] and max(len(b) for b in batches) > 1
     assert all(len(b) * max(entries[i]["duration"] for i in b) <= 3.0 or len(b) == 1 for b in batches)
+
+
+def test_long_audio_pieces_cover_it_and_cut_at_pauses():
+    import numpy as np
+
+    from conftest import synth_audio
+    from data import long_audio_pieces
+
+    audio = synth_audio(0, 70.0)
+    for pause in (22.0, 47.0):  # 200 ms of silence: where the cuts should go
+        audio[int(pause * 16000):int((pause + 0.2) * 16000)] = 0
+    pieces = long_audio_pieces(audio, 30.0)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(audio)
+    assert all(a < b == c for (a, b), (c, _) in zip(pieces, pieces[1:]))  # end to end, no gap, no overlap
+    assert all(b - a <= 30 * 16000 for a, b in pieces)
+    assert [pause <= b / 16000 <= pause + 0.2 for (a, b), pause in zip(pieces, (22.0, 47.0))] == [True, True]
+    assert len(pieces) == 3
+    assert long_audio_pieces(audio[:30 * 16000], 30.0) == [(0, 30 * 16000)]
+    noise = np.random.default_rng(0).standard_normal(65 * 16000).astype(np.float32)  # no pause: still <= 30 s
+    assert all(b - a <= 30 * 16000 for a, b in long_audio_pieces(noise, 30.0))
+
+
+def test_recognize_decodes_a_long_recording_in_pieces_joined_in_order(ctc_model, tmp_path):
+    """recognize.py and transcribe(): a recording longer than --chunk_seconds reads as its pieces (cut
+    at pauses) decoded as segments, their texts joined; a resume re-decodes an entry whose pieces a
+    killed run left incomplete; --chunk_seconds 0 decodes it in one prompt."""
+    import json
+
+    import soundfile
+
+    import recognize
+    from conftest import synth_audio
+    from data import long_audio_pieces
+
+    ctc_model.save_pretrained(tmp_path / "model")
+    audio = synth_audio(3, 50.0)
+    audio[int(12.0 * 16000):int(12.3 * 16000)] = 0
+    soundfile.write(tmp_path / "long.wav", audio, 16000, subtype="FLOAT")
+    soundfile.write(tmp_path / "short.wav", synth_audio(4, 2.0), 16000)
+    pieces = long_audio_pieces(audio, 20.0)
+    assert len(pieces) == 3 and 12.0 <= pieces[0][1] / 16000 <= 12.3
+    lines = [dict(key="long", wav="long.wav"), dict(key="short", wav="short.wav")]
+    lines += [dict(key=f"piece{i}", wav="long.wav", start=a / 16000, end=b / 16000) for i, (a, b) in enumerate(pieces)]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    common = ["--model_dir", str(tmp_path / "model"), "--data_path", str(jsonl), "--batch_size", "2",
+              "--max_new_tokens", "3", "--ctc_decode_weight", "0.3"]
+    result_path = tmp_path / "result.txt"
+    # a killed run that finished one piece of "long" and a wrong text for it: the entry is decoded again
+    (tmp_path / "result.txt.partial0").write_text(json.dumps({"key": "long 0/3", "text": "stale"}) + "\n")
+    hyps = recognize.main(common + ["--result_path", str(result_path), "--chunk_seconds", "20"])
+    assert list(hyps) == ["long", "short", "piece0", "piece1", "piece2"]
+    assert hyps["long"] == " ".join(hyps[f"piece{i}"] for i in range(3) if hyps[f"piece{i}"]) and "stale" not in hyps["long"]
+    assert [line.split("\t")[0] for line in result_path.read_text().splitlines()] == list(hyps)
+    assert not list(tmp_path.glob("result.txt.partial*"))
+
+    whole = recognize.main(common + ["--result_path", str(tmp_path / "whole.txt"), "--chunk_seconds", "0"])
+    assert list(whole) == list(hyps) and whole["short"] == hyps["short"]
+    model = SpeechLLM.from_pretrained(tmp_path / "model")
+    transcribed = model.transcribe([str(tmp_path / "long.wav"), audio[:2 * 16000]], chunk_seconds=20,
+                                   max_new_tokens=3, ctc_weight=0.3)
+    assert transcribed[0] == hyps["long"]
+
+
+def test_join_pieces_needs_every_piece_and_keeps_the_first_error():
+    import recognize
+
+    records = {"a 0/2": dict(key="a 0/2", text="hello", confidence=dict(llm_logprob=-1.0)),
+               "a 1/2": dict(key="a 1/2", text="world", confidence=dict(llm_logprob=-3.0)),
+               "b 0/3": dict(key="b 0/3", text="x"), "b 2/3": dict(key="b 2/3", text="z"),
+               "c 0/2": dict(key="c 0/2", text="x"), "c 1/2": dict(key="c 1/2", error="unreadable"),
+               "d": dict(key="d", text="plain")}
+    joined = recognize.join_pieces(records)
+    assert joined == {"d": records["d"], "a": dict(key="a", text="hello world", confidence=dict(llm_logprob=-2.0)),
+                      "c": dict(key="c", error="unreadable")}

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, synth_audio, write_corpus
+from conftest import ROOT, write_corpus
 from transformers import AutoTokenizer
 
 from prompt import TEMPLATE_VARIABLES, ChatPrompt
