@@ -1,6 +1,7 @@
 """Decoding settings side by side on dev sets: the LLM alone, joint CTC + LLM at several weights,
-pure CTC; greedy and beam search; with and without the repetition guard. One table row per setting
-and dev set: WER [insertions], utterances that loop, prompt echoes, real-time factor.
+pure CTC; greedy and beam search; with and without the repetition guard; long clips in pieces (the
+default) or in one prompt. One table row per setting and dev set: WER [insertions], utterances that
+loop, prompt echoes, real-time factor.
 
     python tools/decode_sweep.py --model_dir pretrained/whisper-tiny.en_smollm2-135m --out exp/sweep \
         --data_paths corpus/dev.jsonl corpus/real/dev.jsonl --long_from corpus/real/dev.jsonl
@@ -37,8 +38,12 @@ SETTINGS = {
     "joint 0.5": dict(ctc_decode_weight=0.5),
     "ctc": dict(decode="ctc"),
     "llm beam4": dict(ctc_decode_weight=0.0, num_beams=4),
+    "joint 0.1 beam4": dict(ctc_decode_weight=0.1, num_beams=4),
     "joint 0.3 beam4": dict(ctc_decode_weight=0.3, num_beams=4),
     "joint 0.5 beam4": dict(ctc_decode_weight=0.5, num_beams=4),
+    "ctc, one prompt": dict(decode="ctc", chunk_seconds=0),  # long clips: not cut into pieces
+    "llm, one prompt": dict(ctc_decode_weight=0.0, chunk_seconds=0),
+    "joint 0.5, one prompt": dict(ctc_decode_weight=0.5, chunk_seconds=0),
 }
 ECHOES = ("helpful ai assistant", "smollm", "transcribe the speech", "hugging face")
 
