@@ -165,12 +165,13 @@ def join_pieces(records: dict[str, dict]) -> dict[str, dict]:
     """The records of an entry's pieces ("KEY i/n") -> one record for KEY once all n are there: their
     texts joined, the first error if any failed, confidences averaged. Pieces of an entry not yet
     complete (a killed run) are dropped: the entry is decoded again."""
-    pieces = {}  # key -> {i: record}
+    pieces = {}  # (key, n) -> {i: record}
     joined = {}
     for key, record in records.items():
         if " " in key:
             parent, position = key.split(" ")
-            pieces.setdefault((parent, int(position.split("/")[1])), {})[int(position.split("/")[0])] = record
+            i, n = map(int, position.split("/"))
+            pieces.setdefault((parent, n), {})[i] = record
         else:
             joined[key] = record
     for (key, n), parts in pieces.items():
