@@ -184,3 +184,34 @@ def dequantized_gguf_dir(gguf_path: Path) -> Path:
             tokenizer.save_pretrained(tmp_dir)
             os.replace(tmp_dir, cache_dir)  # atomic: a reader never sees a half-written copy
     return cache_dir
+
+
+# A model dir's trained weights stored in int8 (tools/average_checkpoints.py --dtype int8): a quarter
+# of fp32, so a shipped dir with encoder blocks stays small. Each matrix or conv kernel keeps one fp32
+# scale per output row (absmax / 127) under NAME + INT8_SCALE; vectors (biases, norms) stay as they are.
+INT8_SCALE = ".int8_scale"
+
+
+def quantize_int8(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    stored = {}
+    for name, value in weights.items():
+        if value.dim() < 2:
+            stored[name] = value
+            continue
+        value = value.float()
+        rows = tuple(range(1, value.dim()))
+        scale = value.abs().amax(dim=rows, keepdim=True).clamp(min=1e-12) / 127  # (out, 1, ...)
+        stored[name] = torch.round(value / scale).to(torch.int8)
+        stored[name + INT8_SCALE] = scale
+    return stored
+
+
+def dequantize_int8(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse (fp32) for int8-stored weights; other weights pass through unchanged."""
+    scales = {name.removesuffix(INT8_SCALE): weights[name] for name in weights if name.endswith(INT8_SCALE)}
+    loaded = {name: value for name, value in weights.items() if not name.endswith(INT8_SCALE)}
+    for name, scale in scales.items():
+        if name not in loaded or loaded[name].dtype != torch.int8:
+            raise ValueError(f"{name}{INT8_SCALE} scales no int8 weight {name}")
+        loaded[name] = loaded[name].float() * scale
+    return loaded

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from decoding import (CTCHead, CTCPrefixScorer, RepetitionGuard, TokenBudget, ctc_logits, hypothesis_log_probs,
                       token_edit_distance)
-from loading import load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
+from loading import dequantize_int8, load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
 from projectors import PROJECTOR_TYPES
 from prompt import ChatPrompt
 
@@ -581,7 +581,7 @@ class SpeechLLM(nn.Module):
         with warm_start a part of it (a trained projector, then new LoRA adapters that start at zero;
         --init_from). A dir holding weights this model does not train is an error: they would be lost."""
         model_dir = Path(model_dir)
-        weights = load_file(model_dir / WEIGHTS_NAME)
+        weights = dequantize_int8(load_file(model_dir / WEIGHTS_NAME))  # as saved, or stored in int8
         trainable = self.trainable_parameters()
         # The CTC blank is a training aid: a warm start may switch --ctc_weight on or off.
         optional = {"projector.ctc_blank"}

@@ -66,3 +66,23 @@ def test_float16_copy_halves_the_file_and_loads_into_fp32(tiny_model, tmp_path):
     for name, value in loaded.trainable_parameters().items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, tiny_model.trainable_parameters()[name].detach(), rtol=1e-3, atol=1e-4)
+
+
+def test_int8_copy_is_within_half_a_step_of_each_weight(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "a")
+    average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "int8"), "--dtype", "int8"])
+    stored = load_file(tmp_path / "int8" / "model.safetensors")
+    matrices = [k for k, v in tiny_model.trainable_parameters().items() if v.dim() >= 2]
+    assert matrices and all(stored[k].dtype == torch.int8 for k in matrices)
+    loaded = SpeechLLM.from_pretrained(tmp_path / "int8")
+    for name, value in loaded.trainable_parameters().items():
+        original = tiny_model.trainable_parameters()[name].detach()
+        assert value.dtype == torch.float32
+        # round to nearest: at most half a step (the row's absmax / 127 / 2) from the trained weight
+        step = stored[name + ".int8_scale"] if name in matrices else torch.zeros(())
+        assert torch.all((value - original).abs() <= step / 2 + 1e-7), name
+    # averaging an int8 dir reads it back as weights, not as integers
+    average(["--dirs", str(tmp_path / "int8"), "--out", str(tmp_path / "again")])
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for name, value in loaded.trainable_parameters().items():
+        torch.testing.assert_close(again[name], value.detach())

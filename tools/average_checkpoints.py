@@ -5,6 +5,7 @@
     python tools/average_checkpoints.py exp/x --best 3 --out exp/x_best3     # lowest eval_loss
     python tools/average_checkpoints.py --dirs exp/x/checkpoint-1000 exp/y --out exp/avg
     python tools/average_checkpoints.py --dirs exp/x --out pretrained/y --dtype float16   # one dir, halved
+    python tools/average_checkpoints.py --dirs exp/x --out pretrained/y --dtype int8      # a quarter
 
 Every safetensors file of the model dirs is averaged (model.safetensors, and llm/ when the LLM was
 fine-tuned); the other files (config, tokenizer) are copied from the first. The dirs must come from
@@ -23,7 +24,8 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import CONFIG_NAME  # noqa: E402
+from loading import dequantize_int8, quantize_int8  # noqa: E402
+from model import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -52,19 +54,25 @@ def select(output_dir: Path, last: int | None, best: int | None) -> list[Path]:
 
 
 def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None):
-    """dtype: store the mean in this dtype (float16 halves a shipped model dir; loading casts back)."""
+    """dtype: store the mean in this dtype (float16 halves a shipped model dir, int8 quarters it: one
+    scale per row of each matrix, see loading.quantize_int8; loading casts back)."""
     configs = {(d / CONFIG_NAME).read_text() for d in dirs}
     if len(configs) != 1:
         raise SystemExit(f"error: {[str(d) for d in dirs]} were not trained with one configuration ({CONFIG_NAME} differ)")
     weight_files = sorted(p.relative_to(dirs[0]) for p in dirs[0].rglob("*.safetensors"))
+    if dtype == torch.int8 and weight_files != [Path(WEIGHTS_NAME)]:
+        raise SystemExit(f"error: int8 is for {WEIGHTS_NAME} alone; {dirs[0]} holds a fine-tuned LLM (llm/): use float16")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name in weight_files:
-        tensors = [load_file(d / name) for d in dirs]
+        tensors = [dequantize_int8(load_file(d / name)) for d in dirs]
         if any(t.keys() != tensors[0].keys() for t in tensors):
             raise SystemExit(f"error: {name} holds different weights in {dirs}")
-        mean = {k: (sum(t[k].double() for t in tensors) / len(tensors)).to(dtype or tensors[0][k].dtype)
-                for k in tensors[0]}
+        mean = {k: sum(t[k].double() for t in tensors) / len(tensors) for k in tensors[0]}
+        if dtype == torch.int8:
+            mean = quantize_int8({k: v.float() for k, v in mean.items()})
+        else:
+            mean = {k: v.to(dtype or tensors[0][k].dtype) for k, v in mean.items()}
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         save_file(mean, tmp / name)
     # the rest of a model dir (config, an LLM dir's config and tokenizer); not a checkpoint's optimizer state
@@ -82,7 +90,7 @@ def main(argv=None):
     p.add_argument("--best", type=int, help="the N checkpoints of lowest eval_loss")
     p.add_argument("--dirs", nargs="+", type=Path, help="these model / checkpoint dirs instead")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"], default=None,
                    help="store the averaged weights in this dtype (default: as trained)")
     args = p.parse_args(argv)
     if bool(args.dirs) == bool(args.output_dir) or (args.output_dir and bool(args.last) == bool(args.best)):
