@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 apt-get update -qq
 apt-get install -y -qq flight-of-the-amazon-queen  # /usr/share/scummvm/flight-of-the-amazon-queen/queen.1c
+apt-get install -y -qq beneath-a-steel-sky  # tools/make_bass_speech.py: /usr/share/scummvm/beneath-a-steel-sky/sky.{dnr,dsk}
 python3 -m pip install -q --no-deps -r requirements-teacher.txt
