@@ -17,5 +17,5 @@ python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps -r requirements-nodeps.txt
 out=$(mktemp -d)
 python recognize.py --model_dir pretrained/whisper-tiny.en_smollm2-135m --data_path examples/examples.jsonl \
-  --result_path "$out/result.txt" --batch_size 8 --num_beams 4
+  --result_path "$out/result.txt" --batch_size 8 --num_beams 4 --ctc_decode_weight 0.3
 python compute_wer.py examples/examples.jsonl "$out/result.txt" --details

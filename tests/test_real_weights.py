@@ -56,13 +56,14 @@ def test_shipped_projector_loads_from_bundled_names_and_transcribes():
     and small, loads exactly, and decodes an example clip batched as it does alone."""
     from safetensors.torch import load_file
 
+    from loading import dequantize_int8
     from model import SpeechLLM
 
     assert (PRETRAINED / "model.safetensors").stat().st_size < 12e6
     speech_llm = SpeechLLM.from_pretrained(PRETRAINED)
     assert speech_llm.config.whisper_model == "bundled:whisper-tiny.en"
     assert speech_llm.config.llm_model == "bundled:smollm2-135m-instruct"
-    saved = load_file(PRETRAINED / "model.safetensors")  # stored in float16: loading casts exactly
+    saved = dequantize_int8(load_file(PRETRAINED / "model.safetensors"))  # stored in int8: loading scales exactly so
     trained = speech_llm.trainable_parameters()
     assert saved.keys() == trained.keys()
     for name, value in trained.items():
@@ -74,14 +75,14 @@ def test_shipped_projector_loads_from_bundled_names_and_transcribes():
 
 @pytest.mark.slow
 def test_shipped_projector_transcribes_the_examples():
-    """The demo's decoding of examples/ (beam 4): the projector shipped before this model printed WER
-    61.02 there, its stage 1 alone 71.19, and the first shipped one, which wrote fluent sentences of
-    its own, 123.73."""
+    """The demo's decoding of examples/ (beam 4, joint CTC 0.3): this model printed WER 26.72 there, the
+    stage-2 model shipped before it 36.21, the TTS-only projector before that 61.02, and the first
+    shipped one, which wrote fluent sentences of its own, 123.73."""
     from compute_wer import score
     from data import read_jsonl
     from model import SpeechLLM
 
     entries = read_jsonl(PRETRAINED.parents[1] / "examples" / "examples.jsonl")
-    hyps = SpeechLLM.from_pretrained(PRETRAINED).transcribe([e["wav"] for e in entries], num_beams=4)
+    hyps = SpeechLLM.from_pretrained(PRETRAINED).transcribe([e["wav"] for e in entries], num_beams=4, ctc_weight=0.3)
     result = score({e["key"]: e["txt"] for e in entries}, {e["key"]: h for e, h in zip(entries, hyps)})
-    assert result.error_rate < 90
+    assert result.error_rate < 32
