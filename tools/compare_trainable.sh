@@ -3,15 +3,16 @@
 # (r8, r32), + the encoder's top 2 blocks, + both; each then decodes the dev sets (greedy, batch 16).
 # Resumable: a finished setting is skipped, a killed one resumes from its last checkpoint.
 #   bash tools/compare_trainable.sh OUT_DIR TRAIN_JSONL STEPS DEV_JSONL [DEV_JSONL ...]
-#   bash tools/compare_trainable.sh exp/cmp corpus/mix_tts/train.jsonl 150 corpus/dev.jsonl corpus/real/dev.jsonl
-# Start: the shipped projector (INIT, default pretrained/whisper-tiny.en_smollm2-135m). Settings in
+#   bash tools/compare_trainable.sh exp/cmp100 corpus/mix/train.jsonl 100 corpus/real/dev.jsonl
+# Start: a projector-only model dir (INIT, default exp/stage1, which tools/train_real_speech.sh makes). Settings in
 # SETTINGS (default: all five). Prints a table: setting, trainable params, model dir size, train wall
 # time, dev WER per dev set. LoRA settings take 2 x 4 utterances per rank and step (the same 16 per step): at
 # 8 per rank a LoRA rank grew past 11 GB on 30 s clips and was killed (24 GB machine, 2 ranks).
 set -euo pipefail
 out=${1:?output dir}; train=${2:?train jsonl}; steps=${3:?steps}; shift 3
 devs=("$@")
-init=${INIT:-pretrained/whisper-tiny.en_smollm2-135m}
+init=${INIT:-exp/stage1}
+[ -f "$init/model.safetensors" ] || { echo "error: INIT=$init holds no model.safetensors: give a projector-only model dir" >&2; exit 1; }
 declare -A flags=(
   [projector]=""
   [lora8]="--lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2"
