@@ -74,12 +74,16 @@ def test_int8_copy_is_within_half_a_step_of_each_weight(tiny_model, tmp_path):
     stored = load_file(tmp_path / "int8" / "model.safetensors")
     matrices = [k for k, v in tiny_model.trainable_parameters().items() if v.dim() >= 2]
     assert matrices and all(stored[k].dtype == torch.int8 for k in matrices)
+    assert (tmp_path / "int8" / "model.safetensors").stat().st_size < 0.4 * (tmp_path / "a" / "model.safetensors").stat().st_size
     loaded = SpeechLLM.from_pretrained(tmp_path / "int8")
     for name, value in loaded.trainable_parameters().items():
         original = tiny_model.trainable_parameters()[name].detach()
         assert value.dtype == torch.float32
         # round to nearest: at most half a step (the row's absmax / 127 / 2) from the trained weight
         step = stored[name + ".int8_scale"] if name in matrices else torch.zeros(())
+        if name in matrices:  # the finest step that still reaches the row's largest weight
+            rows = tuple(range(1, original.dim()))
+            torch.testing.assert_close(step, original.abs().amax(dim=rows, keepdim=True) / 127)
         assert torch.all((value - original).abs() <= step / 2 + 1e-7), name
     # averaging an int8 dir reads it back as weights, not as integers
     average(["--dirs", str(tmp_path / "int8"), "--out", str(tmp_path / "again")])

@@ -63,7 +63,7 @@ def test_shipped_projector_loads_from_bundled_names_and_transcribes():
     speech_llm = SpeechLLM.from_pretrained(PRETRAINED)
     assert speech_llm.config.whisper_model == "bundled:whisper-tiny.en"
     assert speech_llm.config.llm_model == "bundled:smollm2-135m-instruct"
-    saved = dequantize_int8(load_file(PRETRAINED / "model.safetensors"))  # stored in int8: loading scales exactly so
+    saved = dequantize_int8(load_file(PRETRAINED / "model.safetensors"))  # stored in int8: loaded exactly as dequantized
     trained = speech_llm.trainable_parameters()
     assert saved.keys() == trained.keys()
     for name, value in trained.items():
