@@ -148,6 +148,18 @@ def test_clean():
     assert mbs.clean(b"It's switched to the `OFF'  position\x01...\x8e ") == "It's switched to the 'OFF' position..."
 
 
+def test_fold_emphasis_uses_the_scripts_own_spelling():
+    lines = ["I had to INSPECT it.", "YOU there! WHAT is LINC?", "Well, I'M here, JOEY.", "OK, I'm BUSY.",
+             "Don't inspect you, Joey. What?"]
+    assert mbs.fold_emphasis(lines, lines + ["a busy day"]) == [
+        "I had to inspect it.", "You there! What is LINC?", "Well, I'm here, Joey.", "OK, I'm busy.",
+        "Don't inspect you, Joey. What?"]  # LINC and OK are never written otherwise; "I" stays
+    english = mbs.english_spellings({"lunch", "nora", "linc", "id"})
+    assert english == {"lunch": "lunch", "nora": "Nora"}
+    assert mbs.fold_emphasis(["We had LUNCH with NORA and LINC.", "Not ALIVE."], ["the Lunch Box"], english) == [
+        "We had Lunch with Nora and LINC.", "Not ALIVE."]  # the script's own spelling comes first
+
+
 def test_speech_numbers_and_pcm():
     assert mbs.speech_text_number(50000) == 0
     assert mbs.speech_text_number(50000 + 600 + 5) == 1 << 12 | 5
@@ -182,7 +194,7 @@ def test_main_on_a_synthetic_game(tmp_path):
     periodic = np.tile(tone[:105], 42)  # 0.4 s
     files = {
         mbs.TEXT_BASE: text_section([b"Hello THERE.", b"unused", b"Silence."], mbs.TEXT_CODES),
-        mbs.TEXT_BASE + 1: text_section([b"x", b"It's `ON'."], mbs.TEXT_CODES),
+        mbs.TEXT_BASE + 1: text_section([b"x", b"It's `ON' there."], mbs.TEXT_CODES),
         **{mbs.TEXT_BASE + s: text_section([b""], mbs.TEXT_CODES) for s in range(2, 8)},
         50000: speech_file(tone, packed=False),          # section 0 line 0
         50002: speech_file(np.full(5000, 128), packed=False),  # silence
@@ -201,7 +213,7 @@ def test_main_on_a_synthetic_game(tmp_path):
     mbs.main(["--out", str(out), "--game", str(game), "--num_dev", "1"])
     rows = [json.loads(line) for name in ("train", "dev") for line in (out / f"{name}.jsonl").open()]
     assert sorted((r["key"], r["txt"], r["duration"], r["scene"]) for r in rows) == [
-        ("bass_s0_0000", "Hello THERE.", 1.0, "s0b00"), ("bass_s1_0001", "It's 'ON'.", 0.4, "s1b00")]
+        ("bass_s0_0000", "Hello there.", 1.0, "s0b00"), ("bass_s1_0001", "It's 'ON' there.", 0.4, "s1b00")]
     assert all(r["label_source"] == "script" and r["wav"] == f"wav/{r['key']}.wav" for r in rows)
     assert len(list((out / "dev.jsonl").open())) == 1
     audio, rate = soundfile.read(out / rows[0]["wav"])

@@ -1,6 +1,6 @@
 """A corpus of real human speech: the voice clips of the freeware game Beneath a Steel Sky (CD version
 0.0372, Debian package beneath-a-steel-sky; free to redistribute and modify), each labelled with the
-script line the game shows while it plays.
+script line the game shows while it plays (its capitalized stress on words folded, see fold_emphasis).
 
     bash tools/install_real_speech.sh   # apt: /usr/share/scummvm/beneath-a-steel-sky/sky.{dnr,dsk}
     python tools/make_bass_speech.py --out corpus/bass [--game DIR] [--limit N] [--num_dev 300]
@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import struct
 import sys
 from collections import Counter
@@ -209,6 +210,57 @@ def clean(raw: bytes) -> str:
     return " ".join(text.split())
 
 
+WORD = re.compile(r"[A-Za-z][A-Za-z']*")
+
+
+def fold_emphasis(lines: list[str], script: list[str], english: dict[str, str] | None = None) -> list[str]:
+    """The script stresses words in capitals ("I had to INSPECT it."); a transcript would not, and a
+    model trained on them would shout at random. A capitalized word of 2+ letters takes the script's
+    most common other spelling of it inside sentences (all lines, spoken or not: "inspect", "I'm",
+    "Joey"), else its spelling in `english` (lowercase word -> spelling), capitalized at the start of
+    a sentence; other words (LINC, the computer's name; ID) stay."""
+    def starts_sentence(m: re.Match) -> bool:
+        before = m.string[:m.start()].rstrip()
+        return not before or before[-1] in ".!?"
+
+    inside, anywhere = Counter(), Counter()
+    for line in script:
+        for m in WORD.finditer(line):
+            if not m.group().isupper():
+                anywhere[m.group()] += 1
+                inside[m.group()] += not starts_sentence(m)
+    spelling = dict(english or {})
+    for form, _ in sorted(anywhere.items(), key=lambda kv: (inside[kv[0]], kv[1], kv[0]), reverse=True):
+        spelling[form.lower()] = form  # the most common last
+
+    def fold(m: re.Match) -> str:
+        word = m.group()
+        if not word.isupper() or sum(c.isalpha() for c in word) < 2 or word.lower() not in spelling:
+            return word
+        form = spelling[word.lower()]
+        return form[0].upper() + form[1:] if starts_sentence(m) else form
+
+    return [WORD.sub(fold, line) for line in lines]
+
+
+def english_spellings(words: set[str]) -> dict[str, str]:
+    """Lowercase word -> "word" or "Word", whichever GPT-2's byte-pair vocabulary (in openai-whisper)
+    holds as one more frequent token (a lower id: it was merged earlier); words of 3+ letters only,
+    so that acronyms (ID, OK) stay."""
+    import whisper.tokenizer
+
+    encoding = whisper.tokenizer.get_encoding("gpt2")
+    spellings = {}
+    for word in words:
+        if len(word) < 3 or not word.isalpha():
+            continue
+        ids = {form: encoding.encode(" " + form) for form in (word, word.capitalize())}
+        ids = {form: tokens[0] for form, tokens in ids.items() if len(tokens) == 1}
+        if ids:
+            spellings[word] = min(ids, key=ids.get)
+    return spellings
+
+
 # ---- speech -------------------------------------------------------------------------------------------
 def speech_text_number(file_number: int) -> int | None:
     """The text number whose speech is this file (inverse of sound.cpp startSpeech), None for no text."""
@@ -290,6 +342,10 @@ def main(argv=None):
         if (i + 1) % 500 == 0:
             print(f"{i + 1}/{len(files)} files", flush=True)
 
+    script = [clean(decode_text(data, line)) for s, data in sections.items() for line in range(lines_in[s])]
+    capitals = {w.lower() for c in clips for w in WORD.findall(c["txt"]) if w.isupper()}
+    for clip, txt in zip(clips, fold_emphasis([c["txt"] for c in clips], script, english_spellings(capitals))):
+        clip["txt"] = txt
     dev_scenes = pick_dev(clips, args.num_dev)
     splits = {"train": [c for c in clips if c["scene"] not in dev_scenes],
               "dev": [c for c in clips if c["scene"] in dev_scenes]}
