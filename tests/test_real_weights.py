@@ -59,7 +59,7 @@ def test_shipped_projector_loads_from_bundled_names_and_transcribes():
     from loading import dequantize_int8
     from model import SpeechLLM
 
-    assert (PRETRAINED / "model.safetensors").stat().st_size < 12e6
+    assert (PRETRAINED / "model.safetensors").stat().st_size < 15e6  # what this repository takes per file
     speech_llm = SpeechLLM.from_pretrained(PRETRAINED)
     assert speech_llm.config.whisper_model == "bundled:whisper-tiny.en"
     assert speech_llm.config.llm_model == "bundled:smollm2-135m-instruct"
@@ -75,9 +75,9 @@ def test_shipped_projector_loads_from_bundled_names_and_transcribes():
 
 @pytest.mark.slow
 def test_shipped_projector_transcribes_the_examples():
-    """The demo's decoding of examples/ (beam 4, joint CTC 0.3): this model printed WER 26.72 there, the
-    stage-2 model shipped before it 36.21, the TTS-only projector before that 61.02, and the first
-    shipped one, which wrote fluent sentences of its own, 123.73."""
+    """The demo's decoding of examples/ (beam 4, joint CTC 0.3): this model (stage 5) printed WER 27.59
+    there, stage 4 26.72 (one word fewer wrong), stage 2 36.21, the TTS-only projector before that
+    61.02, and the first shipped one, which wrote fluent sentences of its own, 123.73."""
     from compute_wer import score
     from data import read_jsonl
     from model import SpeechLLM
