@@ -154,6 +154,8 @@ def test_fold_emphasis_uses_the_scripts_own_spelling():
     assert mbs.fold_emphasis(lines, lines + ["a busy day"]) == [
         "I had to inspect it.", "You there! What is LINC?", "Well, I'm here, Joey.", "OK, I'm busy.",
         "Don't inspect you, Joey. What?"]  # LINC and OK are never written otherwise; "I" stays
+    script = ["Light the LIGHT.", "A light bulb.", "The light is on.", "It's a Light Bulb."]  # "light" inside 2 to 1
+    assert mbs.fold_emphasis(["A LIGHT?", "LIGHT!"], script) == ["A light?", "Light!"]
     english = mbs.english_spellings({"lunch", "nora", "linc", "id"})
     assert english == {"lunch": "lunch", "nora": "Nora"}
     assert mbs.fold_emphasis(["We had LUNCH with NORA and LINC.", "Not ALIVE."], ["the Lunch Box"], english) == [

@@ -230,8 +230,8 @@ def fold_emphasis(lines: list[str], script: list[str], english: dict[str, str] |
                 anywhere[m.group()] += 1
                 inside[m.group()] += not starts_sentence(m)
     spelling = dict(english or {})
-    for form, _ in sorted(anywhere.items(), key=lambda kv: (inside[kv[0]], kv[1], kv[0]), reverse=True):
-        spelling[form.lower()] = form  # the most common last
+    for form, _ in sorted(anywhere.items(), key=lambda kv: (inside[kv[0]], kv[1], kv[0])):
+        spelling[form.lower()] = form  # ascending: the most common is written last and stays
 
     def fold(m: re.Match) -> str:
         word = m.group()
