@@ -53,8 +53,8 @@ fi
 # Stage 5: all 4 encoder blocks (the bottom 2 start from Whisper's), on corpus/mix2: the same mix plus
 # Beneath a Steel Sky's 1.75 h of other actors (its held-out scenes stay out). A fourth cosine over 550 steps,
 # stopped at step 450 for time (the learning rate was down to 9% of its peak): the model is checkpoint-450.
-mix2=("${common[@]}")
-mix2[1]=corpus/mix2/train.jsonl
-NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage5" "${mix2[@]}" --init_from "$out/stage4/checkpoint-350" \
+# (a later --data_path replaces the earlier one, as common's replaces train_shipped_projector.sh's)
+NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage5" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+  --init_from "$out/stage4/checkpoint-350" \
   --train_encoder_layers 4 --encoder_learning_rate 1e-4 \
   --learning_rate 3e-4 --warmup_steps 20 --max_steps 550 --eval_steps 275 --seed 2 "$@"
