@@ -10,6 +10,7 @@ alignment of the audio whose labels start with the hypothesis. It cannot grow pa
 can hold, and words nobody said get almost none of it: the two failure modes of an LLM decoder.
 """
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -178,10 +179,15 @@ class CTCPrefixScorer(LogitsProcessor):
 class RepetitionGuard(LogitsProcessor):
     """A run of `max_repeats` copies of any n-gram (n <= max_ngram tokens) cannot get one more: the
     token that would start it is banned. Loops end; real repetitions up to max_repeats ("no no",
-    "no, no, no") stay possible. A tail is such a run when it equals itself shifted by n."""
+    "no, no, no") stay possible. A tail is such a run when it equals itself shifted by n.
+    token_text (id -> its text), if given, adds the same rule over words (n <= max_word_ngram),
+    compared in lower case without punctuation: copies that differ only there ("H! H? H??") are
+    token-wise different but still a loop. Banned then: the tokens that began each copy."""
 
-    def __init__(self, max_repeats: int = 3, max_ngram: int = 32):
+    def __init__(self, max_repeats: int = 3, max_ngram: int = 32, token_text=None, max_word_ngram: int = 8,
+                 word_window: int = 96):
         self.max_repeats, self.max_ngram = max_repeats, max_ngram
+        self.token_text, self.max_word_ngram, self.word_window = token_text, max_word_ngram, word_window
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         length = input_ids.shape[1]
@@ -189,7 +195,33 @@ class RepetitionGuard(LogitsProcessor):
             tail = input_ids[:, length - n * self.max_repeats:]  # (N, n * max_repeats)
             rows = torch.nonzero((tail[:, n:] == tail[:, :-n]).all(1)).flatten()
             scores[rows, tail[rows, -n]] = -math.inf
+        if self.token_text is not None:
+            for row, ids in enumerate(input_ids[:, -self.word_window:].tolist()):
+                scores[row, self.word_loop_starts(ids, complete=length <= self.word_window)] = -math.inf
         return scores
+
+    def words(self, ids: list[int], complete: bool) -> list[tuple[str, int]]:
+        """-> (word in lower case without punctuation, id of its first token) of each word in ids.
+        A token starting with a space starts a word. Words of punctuation only are left out, and so
+        is the first word of a window that may have cut it (complete=False)."""
+        words = []
+        for token in ids:
+            text = self.token_text(token)
+            if not words or text[:1].isspace():
+                words.append(["", token])
+            words[-1][0] += text
+        words = words if complete else words[1:]
+        normalized = ((re.sub(r"[^\w']", "", text.lower()), first) for text, first in words)
+        return [(word, first) for word, first in normalized if word]
+
+    def word_loop_starts(self, ids: list[int], complete: bool) -> list[int]:
+        """The first tokens of the copies when the words of ids end in max_repeats copies of an n-gram."""
+        words, banned = self.words(ids, complete), set()
+        for n in range(1, min(self.max_word_ngram, len(words) // self.max_repeats) + 1):
+            tail = words[len(words) - n * self.max_repeats:]
+            if all(tail[i][0] == tail[i + n][0] for i in range(len(tail) - n)):
+                banned.update(tail[k * n][1] for k in range(self.max_repeats))
+        return sorted(banned)
 
 
 class TokenBudget(LogitsProcessor):

@@ -410,7 +410,7 @@ class SpeechLLM(nn.Module):
         ended by an end-of-turn token unless it ran out of budget.
         decode="llm": the LLM's greedy (num_beams=1) or beam search, steered by decoding.py's logits
           processors: joint CTC scoring with weight ctc_weight (default: the config's), a repetition
-          guard (max_repeats copies of an n-gram at most; 0: off) and each utterance's token budget
+          guard (max_repeats copies of a token or word n-gram at most; 0: off) and each utterance's token budget
           (max_transcript_tokens of its duration, unless max_new_tokens is given).
         decode="ctc": the CTC head's greedy path alone (no LLM steps).
         return_confidence: also per-utterance confidence dicts (see confidence()).
@@ -434,7 +434,7 @@ class SpeechLLM(nn.Module):
                                     for s in seconds])
             processors = LogitsProcessorList()
             if max_repeats > 0:  # first: the other processors see the banned tokens as impossible
-                processors.append(RepetitionGuard(max_repeats))
+                processors.append(RepetitionGuard(max_repeats, token_text=self.prompt.token_text))
             if ctc_weight > 0:
                 processors.append(CTCPrefixScorer(head, ctc_weight, num_beams, eos))
             processors.append(TokenBudget(budgets, num_beams, eos))

@@ -18,7 +18,7 @@ class ChatPrompt:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.placeholder_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._cache = {}
+        self._cache, self._token_texts = {}, {}
 
     def _pieces(self, instruction: str):
         if instruction not in self._cache:
@@ -40,6 +40,15 @@ class ChatPrompt:
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds the specials
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text (" the", "!"), cached: the repetition guard reads words from the ids."""
+        if token_id not in self._token_texts:
+            text = self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+            if self.tokenizer.convert_ids_to_tokens(token_id).startswith("\u2581"):  # SentencePiece drops its space
+                text = " " + text.lstrip(" ")
+            self._token_texts[token_id] = text
+        return self._token_texts[token_id]
 
     @property
     def end_of_turn_ids(self) -> list[int]:

@@ -70,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--ctc_decode_weight", type=float, default=None,
                    help="joint CTC + LLM scoring weight in [0, 1) (default: the model's ctc_decode_weight)")
     p.add_argument("--max_repeats", type=int, default=3,
-                   help="the repetition guard: at most this many copies in a row of any n-gram (0: off)")
+                   help="the repetition guard: at most this many copies in a row of any n-gram of tokens, or of "
+                        "words compared without case and punctuation (0: off)")
     p.add_argument("--confidence", action="store_true",
                    help="also write <result_path>.confidence.jsonl: per utterance the LLM's mean token "
                         "log-prob and, with a CTC head, CTC's log-prob and disagreement (one more LLM pass)")

@@ -171,6 +171,20 @@ def test_repetition_guard_ends_a_loop_and_keeps_short_repeats():
     assert scores[0, 7] == -math.inf and (scores[0, :7] == 0).all()
 
 
+def test_repetition_guard_counts_words_that_differ_only_in_case_and_punctuation():
+    texts = {0: " H", 1: "!", 2: "?", 3: "??", 4: " h", 5: " Well", 6: ",", 7: " no", 8: " way", 9: " No"}
+    guard = RepetitionGuard(max_repeats=3, token_text=texts.__getitem__)
+    h_loop = [5, 6, 0, 1, 0, 2, 4, 3]  # "Well, H! H? h??": token-wise no repeat of 3
+    assert guard.words(h_loop, complete=True) == [("well", 5), ("h", 0), ("h", 0), ("h", 4)]
+    scores = guard(torch.tensor([h_loop, [5, 6, 0, 1, 0, 2, 5, 6]]), torch.zeros(2, 10))
+    assert (scores[0] == -math.inf).tolist() == [i in (0, 4) for i in range(10)]  # both spellings that began a copy
+    assert (scores[1] == 0).all()  # two copies: a fourth is not next
+    # a two-word n-gram: "no way! No way? no way" -> no fourth "no"
+    assert guard.word_loop_starts([7, 8, 1, 9, 8, 2, 7, 8], complete=True) == [7, 9]
+    # a window that may have cut its first word leaves it out: " H" there may end a longer word
+    assert guard.words([0, 1, 0, 2, 4], complete=False) == [("h", 0), ("h", 4)]
+
+
 def test_repetition_guard_ends_the_llms_loop(ctc_model):
     """An LLM made to loop (its layers silenced, so with tied embeddings it predicts its own input
     token again and again) gets at most 3 copies of any n-gram with the guard."""

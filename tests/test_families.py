@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, write_corpus
 from transformers import AutoTokenizer
 
+from decoding import RepetitionGuard
 from prompt import TEMPLATE_VARIABLES, ChatPrompt
 
 FAMILIES = ["smollm2", "qwen2", "qwen2.5", "qwen3", "llama3"]
@@ -214,3 +215,14 @@ def test_text_ends_at_the_end_of_turn_without_a_pad_token(family_llm_dir, tiny_w
     assert model.prompt.placeholder_id == 0 and tok.decode(padded[1], skip_special_tokens=True) == "hi!!!"
     monkeypatch.setattr(model, "generate_ids", lambda *args, **kwargs: padded)
     assert model.generate() == ["good morning", "hi"]
+
+
+def test_repetition_guard_reads_words_from_each_tokenizer(tokenizer):
+    """The guard's word view (ChatPrompt.token_text) finds the word boundaries of every family's
+    tokenizer: copies of a word in other cases and punctuation are one loop, and the tokens that
+    began them are what it bans."""
+    guard = RepetitionGuard(max_repeats=3, token_text=ChatPrompt(tokenizer).token_text)
+    ids = tokenizer("Well, H! H? h??", add_special_tokens=False)["input_ids"]
+    assert [word for word, _ in guard.words(ids, complete=True)] == ["well", "h", "h", "h"]
+    starts = {tokenizer.decode([token]) for token in guard.word_loop_starts(ids, complete=True)}
+    assert starts == {" H", " h"}
