@@ -188,6 +188,7 @@ class RepetitionGuard(LogitsProcessor):
                  word_window: int = 96):
         self.max_repeats, self.max_ngram = max_repeats, max_ngram
         self.token_text, self.max_word_ngram, self.word_window = token_text, max_word_ngram, word_window
+        self._letters = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         length = input_ids.shape[1]
@@ -206,13 +207,19 @@ class RepetitionGuard(LogitsProcessor):
         is the first word of a window that may have cut it (complete=False)."""
         words = []
         for token in ids:
-            text = self.token_text(token)
-            if not words or text[:1].isspace():
+            starts_word, letters = self.token_letters(token)
+            if not words or starts_word:
                 words.append(["", token])
-            words[-1][0] += text
-        words = words if complete else words[1:]
-        normalized = ((re.sub(r"[^\w']", "", text.lower()), first) for text, first in words)
-        return [(word, first) for word, first in normalized if word]
+            words[-1][0] += letters
+        return [(word, first) for word, first in words[0 if complete else 1:] if word]
+
+    def token_letters(self, token: int) -> tuple[bool, str]:
+        """-> (whether the token starts a word, its text in lower case without punctuation), cached:
+        a word's letters are its tokens' letters joined, so no text is normalized twice."""
+        if token not in self._letters:
+            text = self.token_text(token)
+            self._letters[token] = (text[:1].isspace(), re.sub(r"[^\w']", "", text.lower()))
+        return self._letters[token]
 
     def word_loop_starts(self, ids: list[int], complete: bool) -> list[int]:
         """The first tokens of the copies when the words of ids end in max_repeats copies of an n-gram."""
