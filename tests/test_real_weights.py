@@ -76,7 +76,7 @@ def test_shipped_projector_loads_from_bundled_names_and_transcribes():
 @pytest.mark.slow
 def test_shipped_projector_transcribes_the_examples():
     """The demo's decoding of examples/ (beam 4, joint CTC 0.3): this model (stage 6) printed WER 28.45
-    there (33 of 116 words; 12 clips are too few to rank stages that are a word apart), stage 5 27.59,
+    there (33 of 116 words; 13 clips are too few to rank stages that are a word apart), stage 5 27.59,
     stage 4 26.72, stage 2 36.21, the TTS-only projector before that
     61.02, and the first shipped one, which wrote fluent sentences of its own, 123.73."""
     from compute_wer import score
