@@ -185,6 +185,22 @@ def test_repetition_guard_counts_words_that_differ_only_in_case_and_punctuation(
     assert guard.words([0, 1, 0, 2, 4], complete=False) == [("h", 0), ("h", 4)]
 
 
+def test_generate_guards_words_with_the_models_own_token_texts(ctc_model, monkeypatch):
+    """generate_ids hands the guard its prompt's token texts: without them the word rule is off."""
+    import model as model_module
+
+    guards = []
+
+    class RecordingGuard(RepetitionGuard):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            guards.append(self)
+
+    monkeypatch.setattr(model_module, "RepetitionGuard", RecordingGuard)
+    ctc_model.generate_ids(**make_batch(ctc_model, [2.0], inference=True), max_new_tokens=4)
+    assert len(guards) == 1 and guards[0].token_text == ctc_model.prompt.token_text
+
+
 def test_repetition_guard_ends_the_llms_loop(ctc_model):
     """An LLM made to loop (its layers silenced, so with tied embeddings it predicts its own input
     token again and again) gets at most 3 copies of any n-gram with the guard."""
