@@ -2,7 +2,7 @@
 # The shipped real-speech model, from nothing: the corpora, the training mix, then projector + LoRA
 # training on CPU, warm-started from the TTS-trained projector (stage 1), then + the encoder's top
 # blocks (stage 3, in OUT/stage3), then more of the same (stage 4, in OUT/stage4), then all encoder
-# blocks on a mix that adds Beneath a Steel Sky's voices (stages 5 and 6, in OUT/stage5, OUT/stage6). Every step is
+# blocks on a mix that adds Beneath a Steel Sky's voices (stages 5-7, in OUT/stage5, OUT/stage6, OUT/stage7). Every step is
 # resumable: re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash tools/install_tts.sh && bash tools/install_real_speech.sh
 #   bash tools/train_real_speech.sh exp/real [extra train.py flags]
@@ -62,8 +62,16 @@ if [ ! -d "$out/stage5/checkpoint-450" ]; then
 fi
 # Stage 6: the same parts and mix (its BASS labels now with the script's casing), a fifth cosine at
 # lr 2.5e-4 (encoder 8e-5) over 400 steps, seed 3: stage 5's dev loss was still falling and it saw
-# about a third of mix2. Run to the end: the model is checkpoint-400.
-NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage6" "${common[@]}" --data_path corpus/mix2/train.jsonl \
-  --init_from "$out/stage5/checkpoint-450" \
+# about a third of mix2. Run to the end: stage 7 starts from checkpoint-400.
+if [ ! -d "$out/stage6/checkpoint-400" ]; then
+  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage6" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+    --init_from "$out/stage5/checkpoint-450" \
+    --train_encoder_layers 4 --encoder_learning_rate 8e-5 \
+    --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 3 "$@"
+fi
+# Stage 7: the same again from stage 6, seed 4 (another third of mix2): stage 6's dev loss was still
+# falling. Run to the end: the model is checkpoint-400.
+NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage7" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+  --init_from "$out/stage6/checkpoint-400" \
   --train_encoder_layers 4 --encoder_learning_rate 8e-5 \
-  --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 3 "$@"
+  --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 4 "$@"
