@@ -187,9 +187,13 @@ def dequantized_gguf_dir(gguf_path: Path) -> Path:
 
 
 # A model dir's trained weights stored in int8 (tools/average_checkpoints.py --dtype int8): a quarter
-# of fp32, so a shipped dir with encoder blocks stays small. Each matrix or conv kernel keeps one fp32
-# scale per output row (absmax / 127) under NAME + INT8_SCALE; vectors (biases, norms) stay as they are.
+# of fp32, so a shipped dir with encoder blocks stays small. Each matrix or conv kernel, as rows of its
+# output units, keeps one fp32 scale (absmax / 127) per group of INT8_GROUP weights of a row under
+# NAME + INT8_SCALE, shape (out, groups): one outlier then coarsens 64 weights, not a whole row (a
+# row too short to split is one group; files with one scale per row, shape (out, 1, ...), load too).
+# Vectors (biases, norms) stay as they are.
 INT8_SCALE = ".int8_scale"
+INT8_GROUP = 64
 
 
 def quantize_int8(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,10 +202,11 @@ def quantize_int8(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if value.dim() < 2:
             stored[name] = value
             continue
-        value = value.float()
-        rows = tuple(range(1, value.dim()))
-        scale = value.abs().amax(dim=rows, keepdim=True).clamp(min=1e-12) / 127  # (out, 1, ...)
-        stored[name] = torch.round(value / scale).to(torch.int8)
+        rows = value.float().reshape(len(value), -1)  # (out, n)
+        group = INT8_GROUP if rows.shape[1] % INT8_GROUP == 0 else rows.shape[1]
+        groups = rows.reshape(len(rows), -1, group)  # (out, n / group, group)
+        scale = groups.abs().amax(-1).clamp(min=1e-12) / 127  # (out, n / group)
+        stored[name] = torch.round(groups / scale[..., None]).to(torch.int8).reshape(value.shape)
         stored[name + INT8_SCALE] = scale
     return stored
 
@@ -213,5 +218,7 @@ def dequantize_int8(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for name, scale in scales.items():
         if name not in loaded or loaded[name].dtype != torch.int8:
             raise ValueError(f"{name}{INT8_SCALE} scales no int8 weight {name}")
-        loaded[name] = loaded[name].float() * scale
+        value = loaded[name]
+        scale = scale.reshape(len(value), -1)  # (out, groups)
+        loaded[name] = (value.float().reshape(len(value), scale.shape[1], -1) * scale[..., None]).reshape(value.shape)
     return loaded

@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from model import SpeechLLM
+import loading
+from loading import dequantize_int8
 from tools.average_checkpoints import main as average
 
 
@@ -56,6 +58,18 @@ def test_checkpoints_of_different_configurations_are_refused(tiny_model, tiny_co
         average(["--dirs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "avg")])
 
 
+def test_runs_differing_only_in_how_they_trained_average(tiny_model, tiny_config, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "a")
+    other = SpeechLLM(replace(tiny_config, spec_augment=True, lora_dropout=0.1))
+    other.save_pretrained(tmp_path / "b")
+    average(["--dirs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "avg")])
+    mean = load_file(tmp_path / "avg" / "model.safetensors")
+    a, b = tiny_model.trainable_parameters(), other.trainable_parameters()
+    for name in a:
+        torch.testing.assert_close(mean[name], (a[name].detach() + b[name].detach()) / 2)
+    assert SpeechLLM.from_pretrained(tmp_path / "avg").config == tiny_model.config  # the first dir's
+
+
 def test_float16_copy_halves_the_file_and_loads_into_fp32(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "a")
     average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "half"), "--dtype", "float16"])
@@ -68,7 +82,8 @@ def test_float16_copy_halves_the_file_and_loads_into_fp32(tiny_model, tmp_path):
         torch.testing.assert_close(value, tiny_model.trainable_parameters()[name].detach(), rtol=1e-3, atol=1e-4)
 
 
-def test_int8_copy_is_within_half_a_step_of_each_weight(tiny_model, tmp_path):
+def test_int8_copy_is_within_half_a_step_of_each_weight(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "INT8_GROUP", 16)  # the tiny model's rows are shorter than 64
     tiny_model.save_pretrained(tmp_path / "a")
     average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "int8"), "--dtype", "int8"])
     stored = load_file(tmp_path / "int8" / "model.safetensors")
@@ -76,17 +91,32 @@ def test_int8_copy_is_within_half_a_step_of_each_weight(tiny_model, tmp_path):
     assert matrices and all(stored[k].dtype == torch.int8 for k in matrices)
     assert (tmp_path / "int8" / "model.safetensors").stat().st_size < 0.4 * (tmp_path / "a" / "model.safetensors").stat().st_size
     loaded = SpeechLLM.from_pretrained(tmp_path / "int8")
+    grouped_matrices = 0
     for name, value in loaded.trainable_parameters().items():
         original = tiny_model.trainable_parameters()[name].detach()
         assert value.dtype == torch.float32
-        # round to nearest: at most half a step (the row's absmax / 127 / 2) from the trained weight
-        step = stored[name + ".int8_scale"] if name in matrices else torch.zeros(())
-        if name in matrices:  # the finest step that still reaches the row's largest weight
-            rows = tuple(range(1, original.dim()))
-            torch.testing.assert_close(step, original.abs().amax(dim=rows, keepdim=True) / 127)
+        # round to nearest: at most half a step (the group's absmax / 127 / 2) from the trained weight
+        step = torch.zeros(())
+        if name in matrices:  # the finest step that still reaches the largest weight of its group
+            rows = original.reshape(len(original), -1)
+            group = 16 if rows.shape[1] % 16 == 0 else rows.shape[1]
+            grouped_matrices += rows.shape[1] > group
+            step = stored[name + ".int8_scale"]
+            torch.testing.assert_close(step, rows.reshape(len(rows), -1, group).abs().amax(-1) / 127)
+            step = step.repeat_interleave(group, 1).reshape(original.shape)
         assert torch.all((value - original).abs() <= step / 2 + 1e-7), name
+    assert grouped_matrices > 0  # rows of several groups
     # averaging an int8 dir reads it back as weights, not as integers
     average(["--dirs", str(tmp_path / "int8"), "--out", str(tmp_path / "again")])
     again = load_file(tmp_path / "again" / "model.safetensors")
     for name, value in loaded.trainable_parameters().items():
         torch.testing.assert_close(again[name], value.detach())
+
+
+def test_int8_files_with_one_scale_per_row_still_load():
+    """The format shipped before the groups: a scale of shape (out, 1, ...) per matrix or kernel."""
+    kernel = torch.randn(6, 4, 5)
+    scale = kernel.abs().amax(dim=(1, 2), keepdim=True) / 127  # (6, 1, 1)
+    stored = {"w": torch.round(kernel / scale).to(torch.int8), "w.int8_scale": scale, "b": torch.ones(6)}
+    loaded = dequantize_int8(stored)
+    assert torch.all((loaded["w"] - kernel).abs() <= scale / 2 + 1e-7) and torch.equal(loaded["b"], torch.ones(6))

@@ -53,10 +53,20 @@ def select(output_dir: Path, last: int | None, best: int | None) -> list[Path]:
     return sorted(scored, key=lambda p: losses[int(p.name.split("-")[1])])[:best]
 
 
+# Fields that change how a run trains, not the model it makes: runs that differ only there (a later
+# stage with SpecAugment on) average into a model of the first dir's configuration.
+TRAINING_ONLY = ("spec_augment", "lora_dropout")
+
+
+def model_config(model_dir: Path) -> dict:
+    config = json.loads((model_dir / CONFIG_NAME).read_text())
+    return {k: v for k, v in sorted(config.items()) if k not in TRAINING_ONLY}
+
+
 def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None):
     """dtype: store the mean in this dtype (float16 halves a shipped model dir, int8 quarters it: one
     scale per row of each matrix, see loading.quantize_int8; loading casts back)."""
-    configs = {(d / CONFIG_NAME).read_text() for d in dirs}
+    configs = {json.dumps(model_config(d)) for d in dirs}
     if len(configs) != 1:
         raise SystemExit(f"error: {[str(d) for d in dirs]} were not trained with one configuration ({CONFIG_NAME} differ)")
     weight_files = sorted(p.relative_to(dirs[0]) for p in dirs[0].rglob("*.safetensors"))
