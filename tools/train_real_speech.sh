@@ -2,8 +2,9 @@
 # The shipped real-speech model, from nothing: the corpora, the training mix, then projector + LoRA
 # training on CPU, warm-started from the TTS-trained projector (stage 1), then + the encoder's top
 # blocks (stage 3, in OUT/stage3), then more of the same (stage 4, in OUT/stage4), then all encoder
-# blocks on a mix that adds Beneath a Steel Sky's voices (stages 5-7, in OUT/stage5, OUT/stage6, OUT/stage7). Every step is
-# resumable: re-running the same command skips what exists and resumes training from its last checkpoint.
+# blocks on a mix that adds Beneath a Steel Sky's voices (stages 5-7, in OUT/stage5 ... OUT/stage7), then
+# the same with SpecAugment (stage 8, OUT/stage8), averaged with stage 7. Every step is resumable:
+# re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash tools/install_tts.sh && bash tools/install_real_speech.sh
 #   bash tools/train_real_speech.sh exp/real [extra train.py flags]
 # INIT: the stage-1 projector dir (default: the projector shipped before this model, taken from git
@@ -20,14 +21,16 @@ if [ ! -f "$init/model.safetensors" ]; then
 fi
 [ -f corpus/real/dev.jsonl ] || python tools/make_real_speech.py --out corpus/real --teacher none
 [ -f corpus/dev.jsonl ] || python tools/make_corpus.py --out corpus --num_train 4000 --num_dev 300 --jobs 2
-[ -f corpus/mix/train.jsonl ] || python tools/make_training_mix.py \
-  --sources corpus/train.jsonl corpus/real/train.jsonl --out corpus/mix --jobs 2
 [ -f corpus/bass/dev.jsonl ] || python tools/make_bass_speech.py --out corpus/bass
 [ -f corpus/mix2/train.jsonl ] || python tools/make_training_mix.py \
   --sources corpus/train.jsonl corpus/real/train.jsonl corpus/bass/train.jsonl --out corpus/mix2 --jobs 2
 common=(--data_path corpus/mix/train.jsonl --eval_data_path corpus/real/dev.jsonl
   --lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2
   --eval_strategy steps --save_steps 50 --save_total_limit 8 --logging_steps 10)
+# Stages 2-7 (FROM_STAGE=8 skips them and corpus/mix, which only they train on).
+if [ "${FROM_STAGE:-2}" -le 7 ]; then
+[ -f corpus/mix/train.jsonl ] || python tools/make_training_mix.py \
+  --sources corpus/train.jsonl corpus/real/train.jsonl --out corpus/mix --jobs 2
 # Stage 2: projector + LoRA r8 from the stage-1 projector, cosine over 600 steps. Stage 3 starts from
 # its step 450 (where the shipped run was stopped for time): once that checkpoint exists, this stage
 # is done (kill it there to save the remaining 150 steps).
@@ -70,8 +73,31 @@ if [ ! -d "$out/stage6/checkpoint-400" ]; then
     --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 3 "$@"
 fi
 # Stage 7: the same again from stage 6, seed 4 (another third of mix2): stage 6's dev loss was still
-# falling. Run to the end: the model is checkpoint-400.
-NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage7" "${common[@]}" --data_path corpus/mix2/train.jsonl \
-  --init_from "$out/stage6/checkpoint-400" \
-  --train_encoder_layers 4 --encoder_learning_rate 8e-5 \
-  --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 4 "$@"
+# falling. Run to the end: the model is checkpoint-400, shipped in int8 (commit 690a65c).
+if [ ! -d "$out/stage7/checkpoint-400" ]; then
+  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage7" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+    --init_from "$out/stage6/checkpoint-400" \
+    --train_encoder_layers 4 --encoder_learning_rate 8e-5 \
+    --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 4 "$@"
+fi
+fi  # FROM_STAGE
+# Stage 8: the same parts and schedule with SpecAugment on the log-mel (--spec_augment), seed 5:
+# stage 7's dev loss had flattened. It starts from stage 7 as shipped (int8; average_checkpoints.py
+# --dtype int8 of stage7/checkpoint-400 makes the same file), taken from git history like stage 1, so
+# FROM_STAGE=8 runs it without stages 2-7. The shipped model is the mean of the two, in int8
+# (OUT/shipped; its float16 copy for measuring, OUT/shipped_fp16).
+init8=$out/stage7_shipped
+if [ ! -f "$init8/model.safetensors" ]; then
+  mkdir -p "$init8"
+  for f in model.safetensors speechllm_config.json; do
+    git show "690a65c:pretrained/whisper-tiny.en_smollm2-135m/$f" > "$init8/$f"
+  done
+fi
+NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage8" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+  --init_from "$init8" \
+  --train_encoder_layers 4 --encoder_learning_rate 8e-5 --spec_augment True \
+  --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 5 "$@"
+for dtype in int8 float16; do
+  ship=$out/shipped$([ $dtype = int8 ] || echo _fp16)
+  [ -d "$ship" ] || python tools/average_checkpoints.py --dirs "$init8" "$out/stage8/checkpoint-400" --out "$ship" --dtype $dtype
+done
