@@ -65,7 +65,7 @@ def model_config(model_dir: Path) -> dict:
 
 def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None):
     """dtype: store the mean in this dtype (float16 halves a shipped model dir, int8 quarters it: one
-    scale per row of each matrix, see loading.quantize_int8; loading casts back)."""
+    scale per 64 weights of a matrix row, see loading.quantize_int8; loading casts back)."""
     configs = {json.dumps(model_config(d)) for d in dirs}
     if len(configs) != 1:
         raise SystemExit(f"error: {[str(d) for d in dirs]} were not trained with one configuration ({CONFIG_NAME} differ)")

@@ -82,10 +82,10 @@ if [ ! -d "$out/stage7/checkpoint-400" ]; then
 fi
 fi  # FROM_STAGE
 # Stage 8: the same parts and schedule with SpecAugment on the log-mel (--spec_augment), seed 5:
-# stage 7's dev loss had flattened. It starts from stage 7 as shipped (int8; average_checkpoints.py
-# --dtype int8 of stage7/checkpoint-400 makes the same file), taken from git history like stage 1, so
-# FROM_STAGE=8 runs it without stages 2-7. The shipped model is the mean of the two, in int8
-# (OUT/shipped; its float16 copy for measuring, OUT/shipped_fp16).
+# stage 7's dev loss had flattened. It starts from stage 7 as shipped (stage7/checkpoint-400 in int8
+# with one scale per row, commit 690a65c), taken from git history like stage 1, so FROM_STAGE=8 runs
+# it without stages 2-7 (and a full run starts it from that file too, not from OUT/stage7). The
+# shipped model is the mean of the two, in int8 (OUT/shipped; its float16 copy, OUT/shipped_fp16).
 init8=$out/stage7_shipped
 if [ ! -f "$init8/model.safetensors" ]; then
   mkdir -p "$init8"
@@ -93,10 +93,12 @@ if [ ! -f "$init8/model.safetensors" ]; then
     git show "690a65c:pretrained/whisper-tiny.en_smollm2-135m/$f" > "$init8/$f"
   done
 fi
-NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage8" "${common[@]}" --data_path corpus/mix2/train.jsonl \
-  --init_from "$init8" \
-  --train_encoder_layers 4 --encoder_learning_rate 8e-5 --spec_augment True \
-  --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 5 "$@"
+if [ ! -d "$out/stage8/checkpoint-400" ]; then
+  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage8" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+    --init_from "$init8" \
+    --train_encoder_layers 4 --encoder_learning_rate 8e-5 --spec_augment True \
+    --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 5 "$@"
+fi
 for dtype in int8 float16; do
   ship=$out/shipped$([ $dtype = int8 ] || echo _fp16)
   [ -d "$ship" ] || python tools/average_checkpoints.py --dirs "$init8" "$out/stage8/checkpoint-400" --out "$ship" --dtype $dtype
