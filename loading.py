@@ -190,7 +190,8 @@ def dequantized_gguf_dir(gguf_path: Path) -> Path:
 # of fp32, so a shipped dir with encoder blocks stays small. Each matrix or conv kernel, as rows of its
 # output units, keeps one fp32 scale (absmax / 127) per group of INT8_GROUP weights of a row under
 # NAME + INT8_SCALE, shape (out, groups): one outlier then coarsens 64 weights, not a whole row (a
-# row too short to split is one group; files with one scale per row, shape (out, 1, ...), load too).
+# row whose length is no multiple of 64 is one group; files with one scale per row, shape (out, 1,
+# ...), load too).
 # Vectors (biases, norms) stay as they are.
 INT8_SCALE = ".int8_scale"
 INT8_GROUP = 64

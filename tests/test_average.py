@@ -83,7 +83,8 @@ def test_float16_copy_halves_the_file_and_loads_into_fp32(tiny_model, tmp_path):
 
 
 def test_int8_copy_is_within_half_a_step_of_each_weight(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(loading, "INT8_GROUP", 16)  # the tiny model's rows are shorter than 64
+    group_size = 16
+    monkeypatch.setattr(loading, "INT8_GROUP", group_size)  # the tiny model's rows are shorter than 64
     tiny_model.save_pretrained(tmp_path / "a")
     average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "int8"), "--dtype", "int8"])
     stored = load_file(tmp_path / "int8" / "model.safetensors")
@@ -99,7 +100,7 @@ def test_int8_copy_is_within_half_a_step_of_each_weight(tiny_model, tmp_path, mo
         step = torch.zeros(())
         if name in matrices:  # the finest step that still reaches the largest weight of its group
             rows = original.reshape(len(original), -1)
-            group = 16 if rows.shape[1] % 16 == 0 else rows.shape[1]
+            group = group_size if rows.shape[1] % group_size == 0 else rows.shape[1]
             grouped_matrices += rows.shape[1] > group
             step = stored[name + ".int8_scale"]
             torch.testing.assert_close(step, rows.reshape(len(rows), -1, group).abs().amax(-1) / 127)

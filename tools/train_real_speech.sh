@@ -12,13 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?output dir}; shift
-init=${INIT:-exp/stage1}
-if [ ! -f "$init/model.safetensors" ]; then
-  mkdir -p "$init"
-  for f in model.safetensors speechllm_config.json; do
-    git show "97b4956:pretrained/whisper-tiny.en_smollm2-135m/$f" > "$init/$f"
+# shipped_model COMMIT DIR: the model dir shipped at COMMIT, from git history, unless DIR holds one
+shipped_model() {
+  [ -f "$2/model.safetensors" ] && return
+  mkdir -p "$2"
+  for f in speechllm_config.json model.safetensors; do  # the weights last: their presence means done
+    git show "$1:pretrained/whisper-tiny.en_smollm2-135m/$f" > "$2/$f.tmp" && mv "$2/$f.tmp" "$2/$f"
   done
-fi
+}
+init=${INIT:-exp/stage1}
+shipped_model 97b4956 "$init"
 [ -f corpus/real/dev.jsonl ] || python tools/make_real_speech.py --out corpus/real --teacher none
 [ -f corpus/dev.jsonl ] || python tools/make_corpus.py --out corpus --num_train 4000 --num_dev 300 --jobs 2
 [ -f corpus/bass/dev.jsonl ] || python tools/make_bass_speech.py --out corpus/bass
@@ -87,12 +90,7 @@ fi  # FROM_STAGE
 # it without stages 2-7 (and a full run starts it from that file too, not from OUT/stage7). The
 # shipped model is the mean of the two, in int8 (OUT/shipped; its float16 copy, OUT/shipped_fp16).
 init8=$out/stage7_shipped
-if [ ! -f "$init8/model.safetensors" ]; then
-  mkdir -p "$init8"
-  for f in model.safetensors speechllm_config.json; do
-    git show "690a65c:pretrained/whisper-tiny.en_smollm2-135m/$f" > "$init8/$f"
-  done
-fi
+shipped_model 690a65c "$init8"
 if [ ! -d "$out/stage8/checkpoint-400" ]; then
   NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage8" "${common[@]}" --data_path corpus/mix2/train.jsonl \
     --init_from "$init8" \
