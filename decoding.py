@@ -13,6 +13,7 @@ import math
 import re
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LogitsProcessor
 
@@ -24,6 +25,17 @@ def ctc_logits(audio_embeds, token_embeds, blank) -> torch.Tensor:
     v's input embedding, and the blank by its dot product with a learned vector (the last column).
     audio_embeds: (..., D), token_embeds: (V, D), blank: (D,) -> (..., V + 1)."""
     return torch.cat([audio_embeds @ token_embeds.T, (audio_embeds @ blank)[..., None]], -1)
+
+
+class CTCLogits(nn.Module):
+    """ctc_logits as a module call, for the training loss. Both weights are borrowed: the LLM's token
+    embeddings and the projector's blank. DeepSpeed ZeRO-3 gathers a partitioned weight for the
+    forward and backward of the modules it is registered with (its owner, and here this module, as an
+    external parameter): so the loss shares the embeddings with the LLM's own use in the same step
+    instead of gathering them a second time, which ZeRO-3 refuses."""
+
+    def forward(self, audio_embeds, token_embeds, blank) -> torch.Tensor:
+        return ctc_logits(audio_embeds, token_embeds, blank)
 
 
 class CTCHead:
@@ -77,8 +89,10 @@ class CTCHead:
         if not ids:
             return float(self.log_probs(u)[:, -1].sum())
         log_probs = self.log_probs(u)
-        return -float(F.ctc_loss(log_probs[:, None], torch.tensor([ids]), torch.tensor([len(log_probs)]),
-                                 torch.tensor([len(ids)]), blank=self.blank_id, reduction="sum", zero_infinity=False))
+        device = log_probs.device
+        return -float(F.ctc_loss(log_probs[:, None], torch.tensor([ids], device=device),
+                                 torch.tensor([len(log_probs)], device=device), torch.tensor([len(ids)], device=device),
+                                 blank=self.blank_id, reduction="sum", zero_infinity=False))
 
 
 def ctc_prefix_scores(r_prev, last, tokens, x_tokens, x_blank):
@@ -128,7 +142,7 @@ class CTCPrefixScorer(LogitsProcessor):
         if not 0 <= weight < 1:
             raise ValueError(f"the CTC decoding weight must be in [0, 1), got {weight} (CTC alone: decode='ctc')")
         self.head, self.weight, self.num_beams = head, weight, num_beams
-        self.eos = torch.tensor(eos_token_ids)
+        self.eos = torch.tensor(eos_token_ids, device=head.audio_embeds.device)
         self.num_candidates = max(num_candidates, 2 * num_beams)  # beam search keeps 2 x beams per step
         self.ctc_tokens = [sorted(set(ids)) for ids in head.greedy_ids()]
         self.states = {}  # (utterance, hypothesis ids) -> (r (T, 2), psi): the hypotheses of this step
@@ -141,13 +155,13 @@ class CTCPrefixScorer(LogitsProcessor):
         utts = rows // self.num_beams
         prefixes = [tuple(input_ids[r].tolist()) for r in rows.tolist()]
         r_prev, psi_prev = zip(*[self.state(u, p) for u, p in zip(utts.tolist(), prefixes)])
-        r_prev, psi_prev = torch.stack(r_prev), torch.tensor(psi_prev, dtype=torch.float64)  # (N, T, 2), (N,)
+        r_prev, psi_prev = torch.stack(r_prev), torch.tensor(psi_prev, dtype=torch.float64, device=rows.device)  # (N, T, 2), (N,)
         top = log_probs[rows].topk(self.num_candidates, -1).indices  # (N, k)
         extra = [self.ctc_tokens[u] for u in utts.tolist()]
         width = max(map(len, extra))
-        extra = torch.tensor([e + [int(t[0])] * (width - len(e)) for e, t in zip(extra, top)], dtype=torch.long)
+        extra = torch.tensor([e + [t] * (width - len(e)) for e, t in zip(extra, top[:, 0].tolist())], device=rows.device)
         tokens = torch.cat([top, extra.view(len(rows), width)], 1)  # (N, K), duplicates harmless
-        last = torch.tensor([p[-1] if p else -1 for p in prefixes])
+        last = torch.tensor([p[-1] if p else -1 for p in prefixes], device=rows.device)
         psi, r = ctc_prefix_scores(r_prev, last, tokens, self.head.token_log_probs(utts, tokens),
                                    self.head.blank_log_probs(utts))
         w = self.weight
@@ -166,11 +180,12 @@ class CTCPrefixScorer(LogitsProcessor):
         the empty hypothesis) computed along the prefix."""
         if (utt, prefix) in self.states:
             return self.states[(utt, prefix)]
-        utts = torch.tensor([utt])
+        device = self.eos.device
+        utts = torch.tensor([utt], device=device)
         r, psi = initial_state(self.head.blank_log_probs(utts))[0], 0.0
         for i, token in enumerate(prefix):
-            tokens = torch.tensor([[token]])
-            psi_next, r_next = ctc_prefix_scores(r[None], torch.tensor([prefix[i - 1] if i else -1]), tokens,
+            tokens = torch.tensor([[token]], device=device)
+            psi_next, r_next = ctc_prefix_scores(r[None], torch.tensor([prefix[i - 1] if i else -1], device=device), tokens,
                                                  self.head.token_log_probs(utts, tokens), self.head.blank_log_probs(utts))
             r, psi = r_next[0, :, 0], float(psi_next[0, 0])
         return r, psi
@@ -236,12 +251,13 @@ class TokenBudget(LogitsProcessor):
     a batch's rows stop where each would stop alone. budgets: (U,) per utterance."""
 
     def __init__(self, budgets: torch.Tensor, num_beams: int, eos_token_ids: list[int]):
-        self.budgets, self.num_beams, self.eos = budgets, num_beams, torch.tensor(eos_token_ids)
+        self.budgets, self.num_beams = budgets, num_beams
+        self.eos = torch.tensor(eos_token_ids, device=budgets.device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        rows_budget = self.budgets.to(input_ids.device).repeat_interleave(self.num_beams)  # (N,)
+        rows_budget = self.budgets.repeat_interleave(self.num_beams)  # (N,)
         spent = (rows_budget <= input_ids.shape[1])[:, None]  # (N, 1)
-        not_eos = ~torch.isin(torch.arange(scores.shape[1], device=scores.device), self.eos.to(scores.device))
+        not_eos = ~torch.isin(torch.arange(scores.shape[1], device=scores.device), self.eos)
         return scores.masked_fill(spent & not_eos[None], -math.inf)
 
 

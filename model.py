@@ -21,9 +21,10 @@ import torch.nn.functional as F
 import whisper
 from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessorList
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from decoding import (CTCHead, CTCPrefixScorer, RepetitionGuard, TokenBudget, ctc_logits, hypothesis_log_probs,
+from decoding import (CTCHead, CTCLogits, CTCPrefixScorer, RepetitionGuard, TokenBudget, hypothesis_log_probs,
                       token_edit_distance)
 from loading import dequantize_int8, load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
 from projectors import PROJECTOR_TYPES
@@ -108,12 +109,12 @@ def spec_augment(mel: torch.Tensor, mel_lengths: torch.Tensor, freq_masks: int =
     for i, length in enumerate(mel_lengths.tolist()):
         fill = mel[i, :, :length].mean()
         for _ in range(freq_masks):
-            width = int(torch.randint(0, int(max_freq_width * n_mels) + 1, ()))
-            start = int(torch.randint(0, n_mels - width + 1, ()))
+            width = int(torch.randint(0, int(max_freq_width * n_mels) + 1, (), device="cpu"))
+            start = int(torch.randint(0, n_mels - width + 1, (), device="cpu"))
             mel[i, start:start + width, :length] = fill
         for _ in range(max(1, round(length / 100 / seconds_per_time_mask))):
-            width = int(torch.randint(0, min(max_time_width, length // 10) + 1, ()))
-            start = int(torch.randint(0, length - width + 1, ()))
+            width = int(torch.randint(0, min(max_time_width, length // 10) + 1, (), device="cpu"))
+            start = int(torch.randint(0, length - width + 1, (), device="cpu"))
             mel[i, :, start:start + width] = fill
     return mel
 
@@ -226,7 +227,7 @@ class SpeechLLMConfig:
 
 def gathered_if_partitioned(params: list):
     """DeepSpeed ZeRO-3 keeps parameters partitioned over ranks outside their module's forward: gather
-    them for a use outside it (saving; the CTC loss). Every rank must enter."""
+    them for a use outside any forward (the projector's initial gain). Every rank must enter."""
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed
@@ -263,6 +264,12 @@ class SpeechLLM(nn.Module):
             token_embeds = self.llm.get_input_embeddings().weight
             with gathered_if_partitioned([token_embeds]):  # ZeRO-3 loads the LLM partitioned
                 self.projector.norm.weight.data.fill_(token_embeds.float().pow(2).mean().sqrt().item())
+        # The CTC loss's scores (training): a module call, so that ZeRO-3 gathers the weights it borrows
+        self.ctc_logits = CTCLogits() if self.projector.ctc_blank is not None else None
+        if self.ctc_logits is not None and is_deepspeed_zero3_enabled():
+            import deepspeed
+            for weight in (self.llm.get_input_embeddings().weight, self.projector.ctc_blank):
+                deepspeed.zero.register_external_parameter(self.ctc_logits, weight)
         if config.lora_rank > 0:
             add_lora(self.llm, config)
         self.lora_merged = False
@@ -382,14 +389,13 @@ class SpeechLLM(nn.Module):
         index = (start[:, None] + frames).clamp(max=inputs_embeds.shape[1] - 1)  # (B, T)
         audio_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))  # (B, T, D)
         token_embeds = self.llm.get_input_embeddings().weight  # (V, D)
-        with gathered_if_partitioned([token_embeds]):
-            scores = ctc_logits(audio_embeds, token_embeds, self.projector.ctc_blank)  # (B, T, V + 1)
+        scores = self.ctc_logits(audio_embeds, token_embeds, self.projector.ctc_blank)  # (B, T, V + 1)
         log_probs = scores.float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1); blank = V
         end_of_turn = len(self.prompt.end_of_turn_ids)  # the labels' last tokens; not spoken
         transcripts = [row[row != -100][:-end_of_turn] for row in labels]
         return F.ctc_loss(log_probs, torch.cat(transcripts), num_audio_tokens,
-                          torch.tensor([len(t) for t in transcripts]), blank=token_embeds.shape[0],
-                          zero_infinity=True)
+                          torch.tensor([len(t) for t in transcripts], device=labels.device),
+                          blank=token_embeds.shape[0], zero_infinity=True)
 
     def training_prefix_length(self, input_ids, attention_mask, audio_mask) -> int:
         """Length of the shared prompt opening a training batch can take from the KV cache: 0 unless
@@ -431,7 +437,7 @@ class SpeechLLM(nn.Module):
             seconds = mel_lengths.float() / 100  # 100 mel frames per second
             budgets = torch.tensor([max_new_tokens or max_transcript_tokens(float(s), self.config.max_tokens_per_second,
                                                                             self.config.max_tokens_extra)
-                                    for s in seconds])
+                                    for s in seconds], device=input_ids.device)
             processors = LogitsProcessorList()
             if max_repeats > 0:  # first: the other processors see the banned tokens as impossible
                 processors.append(RepetitionGuard(max_repeats, token_text=self.prompt.token_text))

@@ -18,7 +18,7 @@ import torch
 from accelerate import PartialState
 import transformers.trainer
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import get_last_checkpoint, seed_worker
 
@@ -326,6 +326,15 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise InputError("--batch_tokens caps --batch_seconds batches: give --batch_seconds too")
 
 
+def move_buffers(model: torch.nn.Module, device) -> None:
+    """DeepSpeed ZeRO-3 moves to the GPU the parameters of what it did not build itself (the Whisper
+    encoder, the projector), but not their buffers: Whisper's positional table stayed on the CPU."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
 def cpu_bf16_autocast_wanted(asked: bool) -> bool:
     """--cpu_bf16_autocast pays off only where the CPU computes bf16 natively (AVX512-BF16, AMX):
     elsewhere bf16 is emulated and a step takes ~10x longer (seen: 174 s against 15 s in fp32, AVX2)."""
@@ -374,6 +383,8 @@ def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
         lora_target_modules=model_args.lora_target_modules, train_encoder_layers=model_args.train_encoder_layers,
         train_llm=model_args.train_llm)
     model = SpeechLLM(config, dtype, trust_remote_code=model_args.trust_remote_code)
+    if is_deepspeed_zero3_enabled():
+        move_buffers(model, args.device)
     init_from = model_args.init_from or model_args.init_projector
     if init_from:
         model.load_trained(init_from, warm_start=True)

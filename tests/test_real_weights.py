@@ -8,10 +8,17 @@ import whisper
 import whisper.normalizers
 
 import loading as model_module
+from conftest import require_bundled
 from data import load_audio
 from loading import load_llm, load_whisper, resolve_bundled
 
 CLIP = Path(__file__).parent / "data" / "quick_brown_fox_kal16.wav"  # flite kal16
+
+
+@pytest.fixture(autouse=True)
+def bundled_weights():
+    for name in ("bundled:whisper-tiny.en", "bundled:smollm2-135m-instruct"):
+        require_bundled(name)
 
 
 @pytest.mark.slow

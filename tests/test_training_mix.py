@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import ROOT, synth_audio, write_corpus
+from conftest import ROOT, require, synth_audio, write_corpus
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_training_mix as mix  # noqa: E402
@@ -153,6 +153,7 @@ def test_each_augmentation(tmp_path, variant):
 
 
 def test_short_transcripts_score_as_spoken():
+    require(Path(mix.make_corpus.WORDNET, "index.noun").exists(), "Debian's wordnet-base (tools/install_tts.sh)")
     forms = {"number": r"\d+(\.\d+)?", "digits": r"[1-9]\d{2,7}", "letters": r"[A-Z]( [A-Z]){1,4}", "word": r"[a-z]+"}
     for variant, form in forms.items():
         rng = random.Random(variant)
