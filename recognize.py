@@ -82,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--whisper_model_name_or_path", default=None, help="override the path in the model config")
     p.add_argument("--llm_model_name_or_path", default=None, help="override the path in the model config")
     p.add_argument("--trust_remote_code", action="store_true", help="let the LLM's repo run its own Python code")
+    p.add_argument("--keep_lora_unmerged", action="store_true",
+                   help="decode with the LoRA adapters beside the LLM's weights (by default they are folded into "
+                        "them once at load: the same model without an extra low-rank matmul per layer and token)")
     p.add_argument("--lang", default="en", help="text normalization for scoring (compute_wer.py --lang)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -301,7 +304,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = SpeechLLM.from_pretrained(args.model_dir, dtype, trust_remote_code=args.trust_remote_code,
                                       whisper_model=args.whisper_model_name_or_path,
-                                      llm_model=args.llm_model_name_or_path).to(device)
+                                      llm_model=args.llm_model_name_or_path,
+                                      merge_lora=not args.keep_lora_unmerged).to(device)
     if args.instruction:
         model.config.instruction = args.instruction
     usable, problems = check_entries(entries, model, for_training=False)

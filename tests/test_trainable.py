@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import write_corpus
 from test_model import make_batch
 
 from model import LLM_DIR, WEIGHTS_NAME, SpeechLLM
@@ -114,6 +115,27 @@ def test_merged_lora_decodes_like_unmerged(tiny_config, tmp_path):
     assert not torch.allclose(torch.stack(plain.scores), torch.stack(unmerged.scores), atol=1e-3)
     with pytest.raises(ValueError, match="merged"):
         merged_model.save_pretrained(tmp_path / "again")
+
+
+def test_recognize_merges_lora_unless_asked_not_to(tiny_config, tmp_path, monkeypatch):
+    import recognize
+
+    model = build(tiny_config, "lora", lora_alpha=64.0)
+    train_steps(model, steps=3, lr=5e-2)
+    model.save_pretrained(tmp_path / "model")
+    jsonl = write_corpus(tmp_path / "data", ["a", "b", "c"], [1.0, 2.0, 1.4])
+    merged = []  # what each recognize.py run loaded
+    load = SpeechLLM.from_pretrained.__func__
+    monkeypatch.setattr(SpeechLLM, "from_pretrained", classmethod(
+        lambda cls, *args, **kwargs: merged.append(kwargs["merge_lora"]) or load(cls, *args, **kwargs)))
+    results = []
+    for flags in ([], ["--keep_lora_unmerged"]):
+        result = tmp_path / f"result{len(results)}.txt"
+        recognize.main(["--model_dir", str(tmp_path / "model"), "--data_path", str(jsonl), "--result_path", str(result),
+                        "--max_new_tokens", "6", *flags])
+        results.append(result.read_text())
+    assert merged == [True, False]
+    assert results[0] == results[1] and len(results[0].splitlines()) == 3
 
 
 @pytest.mark.parametrize("setting", ["lora", "llm"])
