@@ -354,7 +354,8 @@ def training_token_rate(model, entries: list[dict]) -> tuple[float, int]:
     return transcript_token_rate([e["duration"] for e in entries], num_tokens)
 
 
-def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> SpeechLLMTrainer:
+    """callbacks: TrainerCallbacks for the run (tools/gpu_check.py times and profiles steps with one)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = setup_distributed(sys.argv[1:] if argv is None else argv)
     model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> SpeechLLMTrainer:
         data_collator=Collator(model, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
         train_batch_sampler=train_batch_sampler,
         cpu_bf16_autocast=cpu_bf16_autocast_wanted(model_args.cpu_bf16_autocast),
-        encoder_learning_rate=model_args.encoder_learning_rate)
+        encoder_learning_rate=model_args.encoder_learning_rate, callbacks=callbacks)
     last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model(args.output_dir)
