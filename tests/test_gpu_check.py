@@ -43,14 +43,14 @@ def test_dry_run_trains_resumes_and_decodes(tmp_path):
     fetched_tokenizer("qwen3")
     out = tmp_path / "check"
     code = gpu_check.main(["--out", str(out), "--tiny", "--num_clips", "8", "--steps", "4",
-                           "--settings", "zero3:ctc:qwen2-1.5b", "zero3:resume:qwen2-1.5b", "none:lora+encoder:qwen2-1.5b",
-                           "--decoding", "greedy, joint CTC 0.5", "long recordings in pieces"])
+                           "--settings", "zero3:ctc:qwen2-1.5b", "zero3:resume:qwen2-1.5b",
+                           "--decoding", "long recordings in pieces"])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert code == 0, [r.get("error") for r in rows]
     assert [(r["setting"], r["status"]) for r in rows] == [
-        ("zero3:ctc:qwen2-1.5b", "ok"), ("zero3:resume:qwen2-1.5b", "ok"), ("none:lora+encoder:qwen2-1.5b", "ok"),
-        ("greedy, joint CTC 0.5", "ok"), ("long recordings in pieces", "ok"), ("two ranks", rows[-1]["status"])]
-    train = {r["setting"]: r for r in rows[:3]}
+        ("zero3:ctc:qwen2-1.5b", "ok"), ("zero3:resume:qwen2-1.5b", "ok"), ("long recordings in pieces", "ok"),
+        ("two ranks", rows[-1]["status"])]
+    train = {r["setting"]: r for r in rows[:2]}
     assert train["zero3:resume:qwen2-1.5b"]["start_step"] == 2 and train["zero3:ctc:qwen2-1.5b"]["start_step"] == 0
     for r in train.values():
         assert r["timed_steps"] >= 1 and r["samples_per_s"] > 0 and r["tflops"] > 0
