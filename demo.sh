@@ -13,9 +13,12 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source "$venv/bin/activate"
 fi
-python -m pip install -q -r requirements.txt
+python -m pip install -r requirements.txt   # not -q: a fresh install downloads PyTorch (pip shows its progress)
 python -m pip install -q --no-deps -r requirements-nodeps.txt
-out=$(mktemp -d)
+out=exp/demo
+mkdir -p "$out"
+# recognize.py prints its own WER too: compute_wer.py's --details prints it once with each utterance
 python recognize.py --model_dir pretrained/whisper-tiny.en_smollm2-135m --data_path examples/examples.jsonl \
-  --result_path "$out/result.txt" --batch_size 8 --num_beams 4 --ctc_decode_weight 0.3
+  --result_path "$out/result.txt" --batch_size 8 --num_beams 4 --ctc_decode_weight 0.3 | grep -vE "^(WER|SER) "
 python compute_wer.py examples/examples.jsonl "$out/result.txt" --details
+echo "result: $out/result.txt"
