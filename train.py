@@ -109,6 +109,16 @@ def setup_distributed(argv: list[str]) -> list[str]:
     return argv + ["--accelerator_config", json.dumps({"use_configured_state": True})]
 
 
+def feed_the_gpu(args: TrainingArguments, argv: list[str]) -> None:
+    """HF's default of 0 DataLoader workers loads the audio and computes the log-mels in the training
+    process, between steps, while the GPU waits. Unless --dataloader_num_workers is given, each rank
+    on a GPU gets up to 4 workers (a core left to the rank itself)."""
+    if args.device.type != "cuda" or any(a.split("=")[0] == "--dataloader_num_workers" for a in argv):
+        return
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    args.dataloader_num_workers = max(1, min(4, (os.cpu_count() or 1) // ranks_here - 1))
+
+
 def prepare_output_dir(args: TrainingArguments, overwrite: bool):
     """A finished model is never silently replaced. A dir holding only checkpoints is a killed run: resume it."""
     output_dir = Path(args.output_dir)
@@ -360,6 +370,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
     argv = setup_distributed(sys.argv[1:] if argv is None else argv)
     model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
     validate_arguments(model_args, data_args, args)
+    feed_the_gpu(args, argv)
     args.remove_unused_columns = False  # our batches are dicts of tensors the model takes as they are
     args.label_names = ["labels"]
 

@@ -83,3 +83,19 @@ def test_move_buffers_moves_every_buffer_and_leaves_the_parameters(tiny_model):
     move_buffers(tiny_model, "meta")
     assert {name: b.device.type for name, b in tiny_model.named_buffers()} == {name: "meta" for name in buffers}
     assert {p.device.type for p in tiny_model.parameters()} == {"cpu"}
+
+
+def test_a_gpu_run_loads_data_in_workers_unless_told_otherwise(monkeypatch):
+    from types import SimpleNamespace
+
+    from train import feed_the_gpu
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    for device, argv, expected in [("cuda", [], None), ("cuda", ["--dataloader_num_workers", "0"], 0),
+                                   ("cuda", ["--dataloader_num_workers=2"], 0), ("cpu", [], 0)]:
+        args = SimpleNamespace(device=torch.device(device), dataloader_num_workers=0)
+        feed_the_gpu(args, argv)
+        if expected is None:  # up to 4, leaving a core to the training process itself
+            assert 1 <= args.dataloader_num_workers <= 4, (device, argv)
+        else:
+            assert args.dataloader_num_workers == expected, (device, argv)
