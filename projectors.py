@@ -10,7 +10,7 @@ class Projector(nn.Module):
     """What every projector type shares: k encoder frames become one audio token (k=5 on Whisper's 50
     frames/s = 10 tokens/s), the type's layers (`project`) map it into the LLM's embedding space.
     output_norm: a LayerNorm whose gain starts at the scale of the LLM's token embeddings. Without
-    it the audio embeddings grew to 67x a token embedding's norm (tools/audio_use.py), swamped the
+    it the audio embeddings grew to 67x a token embedding's norm (recipes/game_speech/audio_use.py), swamped the
     residual stream, and the LLM's layers could no longer work on them."""
     default_kernel = 5
 

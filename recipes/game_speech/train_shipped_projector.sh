@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the shipped projector: Whisper tiny.en (CTranslate2 bundle) + SmolLM2-135M-Instruct (GGUF)
-# on the TTS corpus of tools/make_corpus.py, on CPU. Re-running the same command resumes from the
-# last checkpoint in the output dir. Usage: [NPROC=2] tools/train_shipped_projector.sh OUT_DIR [extra train.py flags]
+# on the TTS corpus of recipes/game_speech/make_corpus.py, on CPU. Re-running the same command resumes from the
+# last checkpoint in the output dir. Usage: [NPROC=2] recipes/game_speech/train_shipped_projector.sh OUT_DIR [extra train.py flags]
 # NPROC > 1 runs that many DDP ranks on gloo (one thread each), so both CPU cores train one model.
 set -euo pipefail
 out=${1:?output dir}; shift

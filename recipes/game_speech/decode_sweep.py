@@ -3,7 +3,7 @@ pure CTC; greedy and beam search; with and without the repetition guard; long cl
 default) or in one prompt. One table row per setting and dev set: WER [insertions], utterances that
 loop, prompt echoes, real-time factor.
 
-    python tools/decode_sweep.py --model_dir pretrained/whisper-tiny.en_smollm2-135m --out exp/sweep \
+    python recipes/game_speech/decode_sweep.py --model_dir pretrained/whisper-tiny.en_smollm2-135m --out exp/sweep \
         --data_paths corpus/dev.jsonl corpus/real/dev.jsonl --long_from corpus/real/dev.jsonl
 
 --long_from also makes a dev set of long clips (45-60 s: consecutive clips of one scene joined by
@@ -22,7 +22,7 @@ import numpy as np
 import soundfile
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the library
 
 from compute_wer import score  # noqa: E402
 from data import check_entries, load_entry_audio, read_jsonl  # noqa: E402

@@ -1,6 +1,6 @@
 """Summarize a run's loss curve from its trainer_state.json (for TRAINING.md).
 
-    python tools/training_curve.py exp/ctc/checkpoint-2200 [--every 200]
+    python recipes/game_speech/training_curve.py exp/ctc/checkpoint-2200 [--every 200]
 
 Prints one markdown row per `--every` steps: the mean train loss over those steps, the eval loss
 logged at that step (if any) and the learning rate.

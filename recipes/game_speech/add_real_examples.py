@@ -1,14 +1,14 @@
 """Copy a few held-out real-speech clips (one per speaker, 2.5-6 s, 5+ words, first in key order)
 from the real-speech dev set into examples/, so that the demo shows real speech too.
 
-    python tools/add_real_examples.py --dev corpus/real/dev.jsonl --keys 290006P2 C3C__081 C72A_031 CINTR052 12001EJ1
+    python recipes/game_speech/add_real_examples.py --dev corpus/real/dev.jsonl --keys 290006P2 C3C__081 C72A_031 CINTR052 12001EJ1
 """
 import argparse
 import json
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def main(argv=None):

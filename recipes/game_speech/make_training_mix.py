@@ -1,7 +1,7 @@
 """Training data shaped like what users send, from one or more of our jsonl manifests.
 
-    python tools/make_training_mix.py --sources corpus/train.jsonl --out corpus/mix_tts
-    python tools/make_training_mix.py --sources corpus/train.jsonl corpus/real/train.jsonl --out corpus/mix
+    python recipes/game_speech/make_training_mix.py --sources corpus/train.jsonl --out corpus/mix_tts
+    python recipes/game_speech/make_training_mix.py --sources corpus/train.jsonl corpus/real/train.jsonl --out corpus/mix
 
 Writes OUT/train.jsonl, OUT/stats.json and OUT/wav/{long,short,silence,augmented}/ with:
 - original: every usable source utterance, referenced by path (not copied);
@@ -9,7 +9,7 @@ Writes OUT/train.jsonl, OUT/stats.json and OUT/wav/{long,short,silence,augmented
   by 0.1-0.8 s pauses into 5-30 s clips, the transcripts joined with spaces (a model trained on
   2-5 s clips loops on long ones);
 - short: single words, numbers, digit strings and spelled letters, synthesized by
-  tools/make_corpus.py (its voices and augmentation);
+  recipes/game_speech/make_corpus.py (its voices and augmentation);
 - silence: digital silence and low-level white/pink/brown noise, mains hum and room tone, 0.5-30 s,
   with txt "" (a model that never heard nothing invents text for it);
 - augmented: copies of some originals through a telephone channel (8 kHz, 300-3400 Hz, sometimes
@@ -25,7 +25,7 @@ Letters are written "A B C" (the normalizer lowercases both sides alike).
 Everything is a function of --seed and the sources: reruns are identical, a killed run resumes
 (existing wavs are kept; each is written to a temp name, then renamed), and the jsonl is rewritten.
 Output audio is 16 kHz mono 16-bit; no clip is over 30 s. Needs sox; short items need the TTS voices
-of tools/install_tts.sh.
+of recipes/game_speech/install_tts.sh.
 """
 import argparse
 import hashlib
@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the library
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe: make_corpus
 
 import make_corpus  # noqa: E402
 from compute_wer import tokenize  # noqa: E402

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What tools/make_corpus.py needs: TTS voices, sox, and the text sources (Debian + PyPI).
+# What recipes/game_speech/make_corpus.py needs: TTS voices, sox, and the text sources (Debian + PyPI).
 set -euo pipefail
 apt-get update -qq
 apt-get install -y -qq flite festival festvox-kallpc16k festvox-kdlpc16k espeak-ng sox wordnet-base fortunes fortunes-min

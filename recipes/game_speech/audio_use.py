@@ -1,7 +1,7 @@
 """How much a trained projector lets the LLM use the audio: the transcript loss with each utterance's
 own audio against the loss with its neighbour's audio (same texts, same prompts).
 
-    python tools/audio_use.py exp/ctc/checkpoint-200 --data_path corpus/dev.jsonl [--num_utts 48]
+    python recipes/game_speech/audio_use.py exp/ctc/checkpoint-200 --data_path corpus/dev.jsonl [--num_utts 48]
 
 Early in training the dev WER is above 100% whatever the setup (the LLM writes fluent sentences of
 its own), but this gap already shows whether the audio is being listened to: 0 means not at all.
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the library
 
 import torch  # noqa: E402
 

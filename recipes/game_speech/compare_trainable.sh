@@ -2,9 +2,9 @@
 # What to train besides the projector, at equal steps from the same start: projector only, + LoRA
 # (r8, r32), + the encoder's top 2 blocks, + both; each then decodes the dev sets (greedy, batch 16).
 # Resumable: a finished setting is skipped, a killed one resumes from its last checkpoint.
-#   bash tools/compare_trainable.sh OUT_DIR TRAIN_JSONL STEPS DEV_JSONL [DEV_JSONL ...]
-#   bash tools/compare_trainable.sh exp/cmp100 corpus/mix/train.jsonl 100 corpus/real/dev.jsonl
-# Start: a projector-only model dir (INIT, default exp/stage1, which tools/train_real_speech.sh makes). Settings in
+#   bash recipes/game_speech/compare_trainable.sh OUT_DIR TRAIN_JSONL STEPS DEV_JSONL [DEV_JSONL ...]
+#   bash recipes/game_speech/compare_trainable.sh exp/cmp100 corpus/mix/train.jsonl 100 corpus/real/dev.jsonl
+# Start: a projector-only model dir (INIT, default exp/stage1, which recipes/game_speech/train_real_speech.sh makes). Settings in
 # SETTINGS (default: all five). Prints a table: setting, trainable params, model dir size, train wall
 # time, dev WER per dev set. LoRA settings take 2 x 4 utterances per rank and step (the same 16 per step): at
 # 8 per rank a LoRA rank grew past 11 GB on 30 s clips and was killed (24 GB machine, 2 ranks).
@@ -27,7 +27,7 @@ for s in "${settings[@]}"; do
   if [ ! -f "$dir/model.safetensors" ]; then
     start=$(date +%s)
     # shellcheck disable=SC2086
-    NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$dir" --data_path "$train" --init_from "$init" \
+    NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$dir" --data_path "$train" --init_from "$init" \
       --learning_rate 5e-4 --warmup_steps 15 --max_steps "$steps" --eval_strategy no --save_steps 50 \
       --save_total_limit 1 ${flags[$s]} > "$out/$s.train.log" 2>&1
     echo $(( $(date +%s) - start )) > "$dir/train_seconds"

@@ -5,12 +5,12 @@
 # blocks on a mix that adds Beneath a Steel Sky's voices (stages 5-7, in OUT/stage5 ... OUT/stage7), then
 # the same with SpecAugment (stage 8, OUT/stage8), averaged with stage 7. Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
-#   bash tools/install_tts.sh && bash tools/install_real_speech.sh
-#   bash tools/train_real_speech.sh exp/real [extra train.py flags]
+#   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
+#   bash recipes/game_speech/train_real_speech.sh exp/real [extra train.py flags]
 # INIT: the stage-1 projector dir (default: the projector shipped before this model, taken from git
 # history, commit 97b4956; its own recipe is in that commit's TRAINING.md).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository
 out=${1:?output dir}; shift
 # shipped_model COMMIT DIR: the model dir shipped at COMMIT, from git history, unless DIR holds one
 shipped_model() {
@@ -22,28 +22,28 @@ shipped_model() {
 }
 init=${INIT:-exp/stage1}
 shipped_model 97b4956 "$init"
-[ -f corpus/real/dev.jsonl ] || python tools/make_real_speech.py --out corpus/real --teacher none
-[ -f corpus/dev.jsonl ] || python tools/make_corpus.py --out corpus --num_train 4000 --num_dev 300 --jobs 2
-[ -f corpus/bass/dev.jsonl ] || python tools/make_bass_speech.py --out corpus/bass
-[ -f corpus/mix2/train.jsonl ] || python tools/make_training_mix.py \
+[ -f corpus/real/dev.jsonl ] || python recipes/game_speech/make_real_speech.py --out corpus/real --teacher none
+[ -f corpus/dev.jsonl ] || python recipes/game_speech/make_corpus.py --out corpus --num_train 4000 --num_dev 300 --jobs 2
+[ -f corpus/bass/dev.jsonl ] || python recipes/game_speech/make_bass_speech.py --out corpus/bass
+[ -f corpus/mix2/train.jsonl ] || python recipes/game_speech/make_training_mix.py \
   --sources corpus/train.jsonl corpus/real/train.jsonl corpus/bass/train.jsonl --out corpus/mix2 --jobs 2
 common=(--data_path corpus/mix/train.jsonl --eval_data_path corpus/real/dev.jsonl
   --lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2
   --eval_strategy steps --save_steps 50 --save_total_limit 8 --logging_steps 10)
 # Stages 2-7 (FROM_STAGE=8 skips them and corpus/mix, which only they train on).
 if [ "${FROM_STAGE:-2}" -le 7 ]; then
-[ -f corpus/mix/train.jsonl ] || python tools/make_training_mix.py \
+[ -f corpus/mix/train.jsonl ] || python recipes/game_speech/make_training_mix.py \
   --sources corpus/train.jsonl corpus/real/train.jsonl --out corpus/mix --jobs 2
 # Stage 2: projector + LoRA r8 from the stage-1 projector, cosine over 600 steps. Stage 3 starts from
 # its step 450 (where the shipped run was stopped for time): once that checkpoint exists, this stage
 # is done (kill it there to save the remaining 150 steps).
 if [ ! -d "$out/checkpoint-450" ]; then
-  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out" "${common[@]}" --init_from "$init" \
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out" "${common[@]}" --init_from "$init" \
     --learning_rate 5e-4 --warmup_steps 30 --max_steps 600 --eval_steps 150 "$@"
 fi
 # Stage 3: + the encoder's top 2 blocks (lr 1e-4), a new cosine over 420 steps at lr 3e-4.
 if [ ! -d "$out/stage3/checkpoint-420" ]; then
-  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage3" "${common[@]}" --init_from "$out/checkpoint-450" \
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage3" "${common[@]}" --init_from "$out/checkpoint-450" \
     --train_encoder_layers 2 --encoder_learning_rate 1e-4 \
     --learning_rate 3e-4 --warmup_steps 20 --max_steps 420 --eval_steps 140 "$@"
 fi
@@ -52,7 +52,7 @@ fi
 # afresh, and stages 2 and 3 (seed 0) both saw the same first 43% of the mix. Stopped at step 350 for
 # time, like stage 2: stage 5 starts there.
 if [ ! -d "$out/stage4/checkpoint-350" ]; then
-  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage4" "${common[@]}" --init_from "$out/stage3/checkpoint-420" \
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage4" "${common[@]}" --init_from "$out/stage3/checkpoint-420" \
     --train_encoder_layers 2 --encoder_learning_rate 8e-5 \
     --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 1 "$@"
 fi
@@ -61,7 +61,7 @@ fi
 # stopped at step 450 for time (the learning rate was down to 9% of its peak): the model is checkpoint-450.
 # (a later --data_path replaces the earlier one, as common's replaces train_shipped_projector.sh's)
 if [ ! -d "$out/stage5/checkpoint-450" ]; then
-  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage5" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage5" "${common[@]}" --data_path corpus/mix2/train.jsonl \
     --init_from "$out/stage4/checkpoint-350" \
     --train_encoder_layers 4 --encoder_learning_rate 1e-4 \
     --learning_rate 3e-4 --warmup_steps 20 --max_steps 550 --eval_steps 275 --seed 2 "$@"
@@ -70,7 +70,7 @@ fi
 # lr 2.5e-4 (encoder 8e-5) over 400 steps, seed 3: stage 5's dev loss was still falling and it saw
 # about a third of mix2. Run to the end: stage 7 starts from checkpoint-400.
 if [ ! -d "$out/stage6/checkpoint-400" ]; then
-  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage6" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage6" "${common[@]}" --data_path corpus/mix2/train.jsonl \
     --init_from "$out/stage5/checkpoint-450" \
     --train_encoder_layers 4 --encoder_learning_rate 8e-5 \
     --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 3 "$@"
@@ -78,7 +78,7 @@ fi
 # Stage 7: the same again from stage 6, seed 4 (another third of mix2): stage 6's dev loss was still
 # falling. Run to the end: the model is checkpoint-400, shipped in int8 (commit 690a65c).
 if [ ! -d "$out/stage7/checkpoint-400" ]; then
-  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage7" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage7" "${common[@]}" --data_path corpus/mix2/train.jsonl \
     --init_from "$out/stage6/checkpoint-400" \
     --train_encoder_layers 4 --encoder_learning_rate 8e-5 \
     --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 4 "$@"
@@ -92,7 +92,7 @@ fi  # FROM_STAGE
 init8=$out/stage7_shipped
 shipped_model 690a65c "$init8"
 if [ ! -d "$out/stage8/checkpoint-400" ]; then
-  NPROC=${NPROC:-2} bash tools/train_shipped_projector.sh "$out/stage8" "${common[@]}" --data_path corpus/mix2/train.jsonl \
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage8" "${common[@]}" --data_path corpus/mix2/train.jsonl \
     --init_from "$init8" \
     --train_encoder_layers 4 --encoder_learning_rate 8e-5 --spec_augment True \
     --learning_rate 2.5e-4 --warmup_steps 20 --max_steps 400 --eval_steps 200 --seed 5 "$@"

@@ -1,10 +1,10 @@
-"""tools/make_real_speech.py on small files built here (not the game's): the queen.1c table, a .DOG
+"""recipes/game_speech/make_real_speech.py on small files built here (not the game's): the queen.1c table, a .DOG
 dialogue's lines and voice file names, and snapping a transcript to the script."""
 import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this recipe
 
 import make_real_speech as mrs  # noqa: E402
 

@@ -2,8 +2,8 @@
 0.0372, Debian package beneath-a-steel-sky; free to redistribute and modify), each labelled with the
 script line the game shows while it plays (its capitalized stress on words folded, see fold_emphasis).
 
-    bash tools/install_real_speech.sh   # apt: /usr/share/scummvm/beneath-a-steel-sky/sky.{dnr,dsk}
-    python tools/make_bass_speech.py --out corpus/bass [--game DIR] [--limit N] [--num_dev 300]
+    bash recipes/game_speech/install_real_speech.sh   # apt: /usr/share/scummvm/beneath-a-steel-sky/sky.{dnr,dsk}
+    python recipes/game_speech/make_bass_speech.py --out corpus/bass [--game DIR] [--limit N] [--num_dev 300]
 
 Writes OUT/wav/<key>.wav (16 kHz mono 16-bit), OUT/train.jsonl, OUT/dev.jsonl (key, wav, txt, duration,
 scene, section, text_number, label_source="script") and OUT/stats.json. Deterministic; resumable
