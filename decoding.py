@@ -1,21 +1,170 @@
-"""Decoding strategies beside the LLM's own greedy / beam search: the CTC head's posteriors (pure
-CTC greedy decoding, and joint CTC + LLM scoring of the LLM's next tokens), a repetition guard, a
-token budget per utterance, and per-utterance confidence. The pieces that steer generate() are
-logits processors: generate() passes them the generated ids so far (the hypothesis prefix; the
-prompt went in as embeddings) and the next-token scores of every row (utterance x beam).
+"""Decoding, whole: the options (DecodingOptions), the one entry point (decode: a model, a batch, options
+-> token ids), the token budget, the CTC head (its posteriors, pure CTC greedy decoding, joint CTC +
+LLM scoring), the repetition guard and per-utterance confidence. The model (model.py) holds the data
+path (encode, splice, the LLM, the prompt's KV cache); a new decoding strategy goes here. The pieces
+that steer the LLM's generate() are logits processors: generate() passes them the generated ids so far
+(the hypothesis prefix; the prompt went in as embeddings) and the next-token scores of every row
+(utterance x beam).
 
 Joint decoding is ESPnet's joint CTC/attention decoding (Watanabe et al., 2017): a hypothesis scores
 (1 - w) log p_LLM + w log p_CTC(prefix), where the CTC prefix probability is the mass of every
 alignment of the audio whose labels start with the hypothesis. It cannot grow past what the audio
 can hold, and words nobody said get almost none of it: the two failure modes of an LLM decoder.
 """
+import itertools
 import math
 import re
+from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from prompt import move_padding_after_prefix, shared_prefix_length
+
+MEL_FRAMES_PER_SECOND = 100  # Whisper's log-mel hop: 10 ms
+
+
+# ----------------------------------------------------------------------------------------
+# The options and the entry point
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to decode; checked once, here, whoever builds them (recognize.py's flags, a notebook)."""
+    num_beams: int = 1  # 1: greedy
+    decode: str = "llm"  # llm: the LLM's greedy / beam search; ctc: the CTC head's greedy path alone
+    ctc_decode_weight: float | None = None  # joint CTC + LLM scoring weight w; None: the model's saved default
+    max_repeats: int = 3  # repetition guard: copies in a row of any token or word n-gram (0: off)
+    max_new_tokens: int | None = None  # None: each utterance's budget from its duration (token_budget)
+    return_confidence: bool = False  # decode() also returns per-utterance confidence (see confidence())
+    prefix_cache: bool = True  # the prompt's shared opening computed once, its KV cache reused
+    generate_kwargs: dict = field(default_factory=dict)  # more keyword arguments for the LLM's generate()
+
+    def __post_init__(self):
+        problems = {"num_beams": (self.num_beams, ">= 1", self.num_beams >= 1),
+                    "decode": (self.decode, "'llm' or 'ctc'", self.decode in ("llm", "ctc")),
+                    "ctc_decode_weight": (self.ctc_decode_weight, "in [0, 1) (CTC alone: decode ctc)",
+                                          self.ctc_decode_weight is None or 0 <= self.ctc_decode_weight < 1),
+                    "max_repeats": (self.max_repeats, ">= 0", self.max_repeats >= 0),
+                    "max_new_tokens": (self.max_new_tokens, ">= 1", self.max_new_tokens is None or self.max_new_tokens >= 1)}
+        for name, (value, rule, holds) in problems.items():
+            if not holds:  # NaN fails every comparison, so it never holds
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+    def resolved(self, config) -> "DecodingOptions":
+        """These options with the model's saved decoding weight where none is given, checked alike."""
+        return self if self.ctc_decode_weight is not None else replace(self, ctc_decode_weight=config.ctc_decode_weight)
+
+
+def decoding_options(options: DecodingOptions | None = None, **kwargs) -> DecodingOptions:
+    """options (default: DecodingOptions()) with kwargs replacing its fields; kwargs that are no field
+    go to the LLM's generate() (min_new_tokens, output_scores, ...)."""
+    options = options or DecodingOptions()
+    names = {f.name for f in fields(DecodingOptions)} - {"generate_kwargs"}
+    extra = {k: v for k, v in kwargs.items() if k not in names}
+    return replace(options, **{k: v for k, v in kwargs.items() if k in names},
+                   generate_kwargs=options.generate_kwargs | extra)
+
+
+@torch.inference_mode()
+def decode(model, batch: dict, options: DecodingOptions = DecodingOptions()):
+    """Batched decoding of left-padded prompts (a Collator(model, inference=True) batch: mel,
+    mel_lengths, input_ids, attention_mask, audio_mask) -> new token ids (B, <= budget), each row ended
+    by an end-of-turn token unless it ran out of budget, then padded with the prompt's placeholder id;
+    with return_confidence (ids, a confidence dict per utterance). The encoder runs once per
+    utterance: generate() expands the finished embeddings to the beams."""
+    options = options.resolved(model.config)
+    audio_embeds = model.encode_audio(batch["mel"], batch["mel_lengths"])  # (audio tokens in batch, llm_dim)
+    inputs_embeds = model.splice(batch["input_ids"], audio_embeds, batch["audio_mask"])  # (B, L, llm_dim)
+    wants_ctc = (options.decode == "ctc" or options.ctc_decode_weight > 0
+                 or (options.return_confidence and model.projector.ctc_blank is not None))
+    head = ctc_head(model, audio_embeds, batch["audio_mask"]) if wants_ctc else None
+    if options.decode == "ctc":
+        ids = ctc_greedy_ids(head, model.prompt, batch["input_ids"].device)
+    else:
+        ids = llm_ids(model, batch, inputs_embeds, head, options)
+    if not options.return_confidence:
+        return ids
+    return ids, confidence(model, inputs_embeds, batch["attention_mask"], ids, head)
+
+
+def transcripts(model, ids: torch.Tensor) -> list[str]:
+    """decode()'s ids (B, L) -> their texts."""
+    # A row ends at its first end of turn: the padding after it is placeholder_id, a real token
+    # when the LLM has no pad token (Llama 3: token 0, "!"), which skip_special_tokens would keep.
+    eos = set(model.prompt.eos_token_ids)
+    rows = [itertools.takewhile(lambda token: token not in eos, row) for row in ids.tolist()]
+    return [model.tokenizer.decode(list(row), skip_special_tokens=True).strip() for row in rows]
+
+
+# ----------------------------------------------------------------------------------------
+# The LLM's search and the token budget
+
+
+def llm_ids(model, batch: dict, inputs_embeds, head, options: DecodingOptions) -> torch.Tensor:
+    """The LLM's greedy or beam search, steered by the logits processors below: the repetition guard,
+    joint CTC scoring (needs the CTC head) and each utterance's token budget. -> (B, <= max budget)."""
+    eos = model.prompt.eos_token_ids
+    seconds = batch["mel_lengths"].float() / MEL_FRAMES_PER_SECOND  # (B,)
+    budgets = torch.tensor([token_budget(model.config, options, float(s)) for s in seconds],
+                           device=batch["input_ids"].device)  # (B,)
+    processors = LogitsProcessorList()
+    if options.max_repeats > 0:  # first: the other processors see the banned tokens as impossible
+        processors.append(RepetitionGuard(options.max_repeats, token_text=model.prompt.token_text))
+    if options.ctc_decode_weight > 0:
+        processors.append(CTCPrefixScorer(head, options.ctc_decode_weight, options.num_beams, eos))
+    processors.append(TokenBudget(budgets, options.num_beams, eos))
+    return generate_llm(model, inputs_embeds, batch, options.num_beams, int(budgets.max()), options.prefix_cache,
+                        logits_processor=processors, **options.generate_kwargs)
+
+
+def generate_llm(model, inputs_embeds, batch: dict, num_beams: int, max_new_tokens: int, prefix_cache: bool = True,
+                 **generate_kwargs) -> torch.Tensor:
+    """The LLM's generate() on prompts with the audio spliced in: (B, L, D) -> new ids (B, <= max_new_tokens)."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    prefix_length = shared_prefix_length(input_ids, attention_mask, batch["audio_mask"]) if prefix_cache else 0
+    if prefix_length > 0:
+        start = int(attention_mask[0].int().argmax())
+        prefix_ids = input_ids[0, start:start + prefix_length]
+        expanded_batch = len(input_ids) * max(num_beams, generate_kwargs.get("num_return_sequences", 1))
+        generate_kwargs["past_key_values"] = model.prefix_kv_cache(prefix_ids, expanded_batch)
+        # generate() runs the LLM only on the embeddings beyond the cache's length
+        inputs_embeds, attention_mask = move_padding_after_prefix(inputs_embeds, attention_mask, prefix_length)
+    return model.llm.generate(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, num_beams=num_beams, do_sample=False,
+        max_new_tokens=max_new_tokens, eos_token_id=model.prompt.eos_token_ids,
+        pad_token_id=model.prompt.placeholder_id, **generate_kwargs)
+
+
+def token_budget(config, options: DecodingOptions, seconds: float) -> int:
+    """The most new tokens an utterance of this duration gets: options.max_new_tokens, else the
+    model's measured token rate (config.max_tokens_per_second, max_tokens_extra)."""
+    return options.max_new_tokens or max_transcript_tokens(seconds, config.max_tokens_per_second,
+                                                           config.max_tokens_extra)
+
+
+def max_transcript_tokens(audio_seconds: float, tokens_per_second: float = 8.0, extra_tokens: int = 16) -> int:
+    """The decoding length bound for audio of this duration; train.py measures the rate on its corpus
+    (transcript_token_rate). The defaults, 8 tokens/s + 16, are beyond fast speech."""
+    return extra_tokens + math.ceil(tokens_per_second * audio_seconds)
+
+
+def transcript_token_rate(durations: list[float], num_tokens: list[int]) -> tuple[float, int]:
+    """The token budget a corpus calls for: (tokens per second, extra tokens) such that the budget
+    covers its fastest speech (the 99.5th percentile of tokens/s over clips of 1 s and more) and its
+    short clips, whose rate a few tokens make noisy (the extra covers 99.5% of all transcripts)."""
+    rates = [n / d for d, n in zip(durations, num_tokens) if d >= 1.0] or [8.0]
+    rate = float(np.percentile(rates, 99.5))
+    overshoot = [n - rate * d for d, n in zip(durations, num_tokens)]
+    return round(rate, 2), max(4, math.ceil(float(np.percentile(overshoot, 99.5)))) + 4
+
+
+# ----------------------------------------------------------------------------------------
+# The CTC head: its scores (trained by model.ctc_loss), its posteriors of a batch, pure CTC decoding
+
 
 LOG_ZERO = -1e4  # log of "impossible" in the CTC recursions; finite, so that cumulative sums stay exact
 
@@ -95,6 +244,28 @@ class CTCHead:
                                  blank=self.blank_id, reduction="sum", zero_infinity=False))
 
 
+def ctc_head(model, audio_embeds, audio_mask) -> CTCHead:
+    """The CTC posteriors of a batch: audio_embeds (num_audio_tokens in batch, D), audio_mask (B, L)."""
+    if model.projector.ctc_blank is None:
+        raise ValueError("this model has no CTC head (it was trained without --ctc_weight): CTC decoding "
+                         "and ctc_decode_weight > 0 need one")
+    num_frames = audio_mask.sum(1)  # (B,)
+    padded = audio_embeds.new_zeros(len(num_frames), int(num_frames.max()), audio_embeds.shape[-1])  # (B, T, D)
+    padded[torch.arange(padded.shape[1], device=padded.device) < num_frames[:, None]] = audio_embeds
+    return CTCHead(padded, num_frames, model.llm.get_input_embeddings().weight, model.projector.ctc_blank)
+
+
+def ctc_greedy_ids(head: CTCHead, prompt, device) -> torch.Tensor:
+    """Pure CTC decoding in the LLM's format: CTC's best path and an end of turn, padded with the
+    placeholder id. -> (B, longest + 1)."""
+    ids = [hyp + prompt.eos_token_ids[:1] for hyp in head.greedy_ids()]
+    return torch.tensor([hyp + [prompt.placeholder_id] * (max(map(len, ids)) - len(hyp)) for hyp in ids], device=device)
+
+
+# ----------------------------------------------------------------------------------------
+# Joint CTC + LLM scoring: the CTC prefix score, a logits processor
+
+
 def ctc_prefix_scores(r_prev, last, tokens, x_tokens, x_blank):
     """One step of the CTC prefix score algorithm (Watanabe et al., 2017), for K candidate
     extensions c of N hypotheses g at once, its recursions over time done as cumulative sums.
@@ -139,8 +310,6 @@ class CTCPrefixScorer(LogitsProcessor):
 
     def __init__(self, head: CTCHead, weight: float, num_beams: int, eos_token_ids: list[int],
                  num_candidates: int = 8):
-        if not 0 <= weight < 1:
-            raise ValueError(f"the CTC decoding weight must be in [0, 1), got {weight} (CTC alone: decode='ctc')")
         self.head, self.weight, self.num_beams = head, weight, num_beams
         self.eos = torch.tensor(eos_token_ids, device=head.audio_embeds.device)
         self.num_candidates = max(num_candidates, 2 * num_beams)  # beam search keeps 2 x beams per step
@@ -189,6 +358,10 @@ class CTCPrefixScorer(LogitsProcessor):
                                                  self.head.token_log_probs(utts, tokens), self.head.blank_log_probs(utts))
             r, psi = r_next[0, :, 0], float(psi_next[0, 0])
         return r, psi
+
+
+# ----------------------------------------------------------------------------------------
+# Guards: the repetition guard, the token budget
 
 
 class RepetitionGuard(LogitsProcessor):
@@ -247,7 +420,7 @@ class RepetitionGuard(LogitsProcessor):
 
 
 class TokenBudget(LogitsProcessor):
-    """Each row ends once it holds its utterance's budget of tokens (see model.max_transcript_tokens):
+    """Each row ends once it holds its utterance's budget of tokens (token_budget):
     a batch's rows stop where each would stop alone. budgets: (U,) per utterance."""
 
     def __init__(self, budgets: torch.Tensor, num_beams: int, eos_token_ids: list[int]):
@@ -259,6 +432,28 @@ class TokenBudget(LogitsProcessor):
         spent = (rows_budget <= input_ids.shape[1])[:, None]  # (N, 1)
         not_eos = ~torch.isin(torch.arange(scores.shape[1], device=scores.device), self.eos)
         return scores.masked_fill(spent & not_eos[None], -math.inf)
+
+
+# ----------------------------------------------------------------------------------------
+# Confidence
+
+
+def confidence(model, inputs_embeds, attention_mask, ids, head: CTCHead | None) -> list[dict]:
+    """Per utterance: llm_logprob, the LLM's mean log-probability of the hypothesis' tokens and its
+    end of turn; with a CTC head also ctc_logprob, CTC's log-probability of the hypothesis per
+    token, and ctc_disagreement, the token edit distance between the hypothesis and CTC's own best
+    path over that path's length. Low log-probs and high disagreement flag hallucinations."""
+    eos = model.prompt.eos_token_ids
+    ctc_best = head.greedy_ids() if head is not None else None
+    out = []
+    for u, log_probs in enumerate(hypothesis_log_probs(model.llm, inputs_embeds, attention_mask, ids, eos)):
+        item = dict(llm_logprob=round(sum(log_probs) / max(len(log_probs), 1), 4))
+        if head is not None:
+            hyp = [t for t in ids[u].tolist()[:len(log_probs)] if t not in eos]
+            item["ctc_logprob"] = round(head.sequence_log_prob(u, hyp) / max(len(hyp), 1), 4)
+            item["ctc_disagreement"] = round(token_edit_distance(hyp, ctc_best[u]) / max(len(ctc_best[u]), 1), 4)
+        out.append(item)
+    return out
 
 
 def token_edit_distance(a: list[int], b: list[int]) -> int:

@@ -2,16 +2,16 @@
 
 Read top to bottom: the encoder forward on trimmed audio, the merge of audio embeddings into the
 text embeddings, what trains (the projector; optionally LoRA on the LLM, the encoder's top blocks,
-or the whole LLM), and the SpeechLLM module (forward, generate, save/load). Elsewhere: the pretrained
-parts load in loading.py, the projector types are in projectors.py, the chat prompt in prompt.py,
-and the decoding strategies (CTC prefix scoring, guards) in decoding.py.
+or the whole LLM), and the SpeechLLM module (the data path: encode, splice, forward and loss, the
+prompt's KV cache, save/load; generate and transcribe only call decoding.decode). Elsewhere: the
+pretrained parts load in loading.py, the projector types are in projectors.py, the chat prompt and
+a batch's layout in prompt.py, and decoding (options, strategies, guards, confidence) in decoding.py.
 """
 import contextlib
 import copy
-import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import whisper
 from safetensors.torch import load_file, save_file
-from transformers import LogitsProcessorList
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from decoding import (CTCHead, CTCLogits, CTCPrefixScorer, RepetitionGuard, TokenBudget, hypothesis_log_probs,
-                      token_edit_distance)
+from decoding import CTCLogits, DecodingOptions, decode, decoding_options, transcripts
 from loading import dequantize_int8, load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
 from projectors import PROJECTOR_TYPES
-from prompt import ChatPrompt
+from prompt import ChatPrompt, shared_prefix_length
 
 N_FRAMES_30S = whisper.audio.N_FRAMES  # 3000 mel frames = 30 s, Whisper's whole context
 CONFIG_NAME = "speechllm_config.json"
@@ -48,22 +46,6 @@ def num_audio_tokens(num_mel_frames: int, kernel: int) -> int:
     full_windows, rest = divmod(int(num_mel_frames), N_FRAMES_30S)
     tokens_per_window = lambda n: math.ceil((n + 1) // 2 / kernel)  # noqa: E731
     return full_windows * tokens_per_window(N_FRAMES_30S) + (tokens_per_window(rest) if rest else 0)
-
-
-def max_transcript_tokens(audio_seconds: float, tokens_per_second: float = 8.0, extra_tokens: int = 16) -> int:
-    """The decoding length bound for audio of this duration; train.py measures the rate on its corpus
-    (transcript_token_rate). The defaults, 8 tokens/s + 16, are beyond fast speech."""
-    return extra_tokens + math.ceil(tokens_per_second * audio_seconds)
-
-
-def transcript_token_rate(durations: list[float], num_tokens: list[int]) -> tuple[float, int]:
-    """The token budget a corpus calls for: (tokens per second, extra tokens) such that the budget
-    covers its fastest speech (the 99.5th percentile of tokens/s over clips of 1 s and more) and its
-    short clips, whose rate a few tokens make noisy (the extra covers 99.5% of all transcripts)."""
-    rates = [n / d for d, n in zip(durations, num_tokens) if d >= 1.0] or [8.0]
-    rate = float(np.percentile(rates, 99.5))
-    overshoot = [n - rate * d for d, n in zip(durations, num_tokens)]
-    return round(rate, 2), max(4, math.ceil(float(np.percentile(overshoot, 99.5)))) + 4
 
 
 def whisper_encode(encoder: whisper.model.AudioEncoder, mel: torch.Tensor, mel_lengths: torch.Tensor):
@@ -129,29 +111,6 @@ def merge_audio_embeds(inputs_embeds: torch.Tensor, audio_embeds: torch.Tensor, 
     if audio_mask.sum() != audio_embeds.shape[0]:
         raise ValueError(f"{int(audio_mask.sum())} audio placeholders but {audio_embeds.shape[0]} audio embeddings")
     return inputs_embeds.masked_scatter(audio_mask[..., None], audio_embeds.to(inputs_embeds.dtype))
-
-
-def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_mask: torch.Tensor) -> int:
-    """How many tokens open every left-padded prompt of the batch identically, before any audio:
-    the chat template's system prompt and the instruction when the batch shares one."""
-    starts = attention_mask.int().argmax(1)  # (B,) first real token of each row
-    first_audio = audio_mask.int().argmax(1)  # (B,)
-    length = max(0, int((first_audio - starts).min()))
-    tokens = input_ids.gather(1, starts[:, None] + torch.arange(length, device=input_ids.device))  # (B, length)
-    same = (tokens == tokens[:1]).all(0)  # (length,)
-    return int(same.int().cumprod(0).sum())
-
-
-def move_padding_after_prefix(x: torch.Tensor, attention_mask: torch.Tensor, prefix_length: int):
-    """Left padding -> padding between the shared prefix and the rest of each row, so that the
-    prefix occupies the same positions 0..P-1 in every row and one KV cache serves them all. Position
-    ids come from the attention mask's cumulative sum, so every real token keeps its position.
-    x: (B, L, ...), attention_mask: (B, L) -> both rearranged, same shapes."""
-    starts = attention_mask.int().argmax(1)[:, None]  # (B, 1): left padding of each row
-    j = torch.arange(attention_mask.shape[1], device=x.device)[None]  # (1, L)
-    source = torch.where(j < prefix_length, starts + j, torch.where(j < prefix_length + starts, j - prefix_length, j))
-    gathered = x.gather(1, source.view(*source.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
-    return gathered, attention_mask.gather(1, source)
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,8 +306,11 @@ class SpeechLLM(nn.Module):
 
     def embed(self, mel, mel_lengths, input_ids, audio_mask) -> torch.Tensor:
         """Text embeddings with the audio spliced in: (B, L, llm_dim)."""
-        inputs_embeds = self.llm.get_input_embeddings()(input_ids)
-        return merge_audio_embeds(inputs_embeds, self.encode_audio(mel, mel_lengths), audio_mask)
+        return self.splice(input_ids, self.encode_audio(mel, mel_lengths), audio_mask)
+
+    def splice(self, input_ids, audio_embeds, audio_mask) -> torch.Tensor:
+        """input_ids (B, L), audio_embeds (num_audio_tokens in batch, llm_dim) -> (B, L, llm_dim)."""
+        return merge_audio_embeds(self.llm.get_input_embeddings()(input_ids), audio_embeds, audio_mask)
 
     def forward(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, labels=None,
                 prefix_cache: bool = True):
@@ -407,94 +369,6 @@ class SpeechLLM(nn.Module):
             return 0
         return shared_prefix_length(input_ids, attention_mask, audio_mask)
 
-    @torch.inference_mode()
-    def generate_ids(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, num_beams: int = 1,
-                     max_new_tokens: int | None = None, prefix_cache: bool = True, decode: str = "llm",
-                     ctc_weight: float | None = None, max_repeats: int = 3, return_confidence: bool = False,
-                     **generate_kwargs):
-        """Batched decoding of left-padded prompts -> new token ids (B, <= max_new_tokens), each row
-        ended by an end-of-turn token unless it ran out of budget.
-        decode="llm": the LLM's greedy (num_beams=1) or beam search, steered by decoding.py's logits
-          processors: joint CTC scoring with weight ctc_weight (default: the config's), a repetition
-          guard (max_repeats copies of a token or word n-gram at most; 0: off) and each utterance's token budget
-          (max_transcript_tokens of its duration, unless max_new_tokens is given).
-        decode="ctc": the CTC head's greedy path alone (no LLM steps).
-        return_confidence: also per-utterance confidence dicts (see confidence()).
-        The encoder runs once per utterance: generate() expands the finished embeddings to the beams.
-        prefix_cache: the prompt's shared opening (system prompt + instruction) is computed once and
-        its KV cache reused across the batch, beams and calls."""
-        audio_embeds = self.encode_audio(mel, mel_lengths)  # (num_audio_tokens in batch, llm_dim)
-        inputs_embeds = merge_audio_embeds(self.llm.get_input_embeddings()(input_ids), audio_embeds, audio_mask)
-        ctc_weight = self.config.ctc_decode_weight if ctc_weight is None else ctc_weight
-        wants_ctc = decode == "ctc" or ctc_weight > 0 or (return_confidence and self.projector.ctc_blank is not None)
-        head = self.ctc_head(audio_embeds, audio_mask) if wants_ctc else None
-        eos = self.prompt.eos_token_ids
-        if decode == "ctc":
-            ids = [hyp + eos[:1] for hyp in head.greedy_ids()]
-            ids = torch.tensor([hyp + [self.prompt.placeholder_id] * (max(map(len, ids)) - len(hyp)) for hyp in ids],
-                               device=input_ids.device)
-        elif decode == "llm":
-            seconds = mel_lengths.float() / 100  # 100 mel frames per second
-            budgets = torch.tensor([max_new_tokens or max_transcript_tokens(float(s), self.config.max_tokens_per_second,
-                                                                            self.config.max_tokens_extra)
-                                    for s in seconds], device=input_ids.device)
-            processors = LogitsProcessorList()
-            if max_repeats > 0:  # first: the other processors see the banned tokens as impossible
-                processors.append(RepetitionGuard(max_repeats, token_text=self.prompt.token_text))
-            if ctc_weight > 0:
-                processors.append(CTCPrefixScorer(head, ctc_weight, num_beams, eos))
-            processors.append(TokenBudget(budgets, num_beams, eos))
-            ids = self.generate_llm(inputs_embeds, input_ids, attention_mask, audio_mask, num_beams,
-                                    int(budgets.max()), prefix_cache, logits_processor=processors, **generate_kwargs)
-        else:
-            raise ValueError(f"decode must be 'llm' or 'ctc', got {decode!r}")
-        if not return_confidence:
-            return ids
-        return ids, self.confidence(inputs_embeds, attention_mask, ids, head)
-
-    def ctc_head(self, audio_embeds, audio_mask) -> CTCHead:
-        """The CTC posteriors of a batch: audio_embeds (num_audio_tokens in batch, D), audio_mask (B, L)."""
-        if self.projector.ctc_blank is None:
-            raise ValueError("this model has no CTC head (it was trained without --ctc_weight): CTC decoding "
-                             "and ctc_weight > 0 need one")
-        num_frames = audio_mask.sum(1)  # (B,)
-        padded = audio_embeds.new_zeros(len(num_frames), int(num_frames.max()), audio_embeds.shape[-1])
-        padded[torch.arange(padded.shape[1], device=padded.device) < num_frames[:, None]] = audio_embeds
-        return CTCHead(padded, num_frames, self.llm.get_input_embeddings().weight, self.projector.ctc_blank)
-
-    def generate_llm(self, inputs_embeds, input_ids, attention_mask, audio_mask, num_beams: int,
-                     max_new_tokens: int, prefix_cache: bool = True, **generate_kwargs) -> torch.Tensor:
-        """The LLM's generate() on prompts with the audio spliced in: (B, L, D) -> new ids (B, <= max_new_tokens)."""
-        prefix_length = shared_prefix_length(input_ids, attention_mask, audio_mask) if prefix_cache else 0
-        if prefix_length > 0:
-            start = int(attention_mask[0].int().argmax())
-            prefix_ids = input_ids[0, start:start + prefix_length]
-            expanded_batch = len(input_ids) * max(num_beams, generate_kwargs.get("num_return_sequences", 1))
-            generate_kwargs["past_key_values"] = self.prefix_kv_cache(prefix_ids, expanded_batch)
-            # generate() runs the LLM only on the embeddings beyond the cache's length
-            inputs_embeds, attention_mask = move_padding_after_prefix(inputs_embeds, attention_mask, prefix_length)
-        return self.llm.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, num_beams=num_beams, do_sample=False,
-            max_new_tokens=max_new_tokens, eos_token_id=self.prompt.eos_token_ids,
-            pad_token_id=self.prompt.placeholder_id, **generate_kwargs)
-
-    def confidence(self, inputs_embeds, attention_mask, ids, head: CTCHead | None) -> list[dict]:
-        """Per utterance: llm_logprob, the LLM's mean log-probability of the hypothesis' tokens and its
-        end of turn; with a CTC head also ctc_logprob, CTC's log-probability of the hypothesis per
-        token, and ctc_disagreement, the token edit distance between the hypothesis and CTC's own best
-        path over that path's length. Low log-probs and high disagreement flag hallucinations."""
-        eos = self.prompt.eos_token_ids
-        ctc_best = head.greedy_ids() if head is not None else None
-        out = []
-        for u, log_probs in enumerate(hypothesis_log_probs(self.llm, inputs_embeds, attention_mask, ids, eos)):
-            item = dict(llm_logprob=round(sum(log_probs) / max(len(log_probs), 1), 4))
-            if head is not None:
-                hyp = [t for t in ids[u].tolist()[:len(log_probs)] if t not in eos]
-                item["ctc_logprob"] = round(head.sequence_log_prob(u, hyp) / max(len(hyp), 1), 4)
-                item["ctc_disagreement"] = round(token_edit_distance(hyp, ctc_best[u]) / max(len(ctc_best[u]), 1), 4)
-            out.append(item)
-        return out
-
     def prefix_kv_cache(self, prefix_ids: torch.Tensor, batch_size: int):
         """The LLM's KV cache of prefix_ids (P,), repeated to batch_size rows; a fresh copy each call,
         since the LLM extends it in place. Computed once per prefix, device, dtype and autocast, and
@@ -512,23 +386,23 @@ class SpeechLLM(nn.Module):
         cache.batch_repeat_interleave(batch_size)
         return cache
 
-    def generate(self, *args, return_confidence: bool = False, **kwargs):
-        """generate_ids as text: transcripts, or (transcripts, confidences) with return_confidence."""
-        out = self.generate_ids(*args, return_confidence=return_confidence, **kwargs)
-        ids, confidences = out if return_confidence else (out, None)
-        # A row ends at its first end of turn: the padding after it is placeholder_id, a real token
-        # when the LLM has no pad token (Llama 3: token 0, "!"), which skip_special_tokens would keep.
-        eos = set(self.prompt.eos_token_ids)
-        rows = [itertools.takewhile(lambda token: token not in eos, row) for row in ids.tolist()]
-        texts = [self.tokenizer.decode(list(row), skip_special_tokens=True).strip() for row in rows]
-        return (texts, confidences) if return_confidence else texts
+    def generate(self, mel, mel_lengths, input_ids, attention_mask, audio_mask,
+                 options: DecodingOptions | None = None, **kwargs):
+        """decoding.decode on a batch of prompts -> new token ids (B, <= budget), or (ids, confidences)
+        with return_confidence. kwargs: DecodingOptions fields replacing those of options; the rest
+        (min_new_tokens, output_scores, ...) go to the LLM's generate()."""
+        batch = dict(mel=mel, mel_lengths=mel_lengths, input_ids=input_ids, attention_mask=attention_mask,
+                     audio_mask=audio_mask)
+        return decode(self, batch, decoding_options(options, **kwargs))
 
-    def transcribe(self, audio, num_beams: int = 1, batch_size: int = 8, instruction: str | None = None,
-                   chunk_seconds: float = 30.0, **generate_kwargs) -> list[str]:
+    def transcribe(self, audio, options: DecodingOptions | None = None, batch_size: int = 8,
+                   instruction: str | None = None, chunk_seconds: float = 30.0, **kwargs) -> list[str]:
         """Notebook use: file paths or 16 kHz float arrays -> transcripts (in input order). Audio longer
-        than chunk_seconds is decoded in pieces cut at pauses, as recognize.py does (0: in one piece)."""
+        than chunk_seconds is decoded in pieces cut at pauses, as recognize.py does (0: in one piece).
+        options, kwargs: as for generate()."""
         from data import Collator, load_audio, log_mel, long_audio_pieces
 
+        options = replace(decoding_options(options, **kwargs), return_confidence=False)
         items = audio if isinstance(audio, (list, tuple)) else [audio]
         pieces = []  # (item index, samples)
         for index, item in enumerate(items):
@@ -542,7 +416,7 @@ class SpeechLLM(nn.Module):
             batch = [dict(mel=log_mel(samples, self.n_mels, self.config.pad_to_30s),
                           instruction=instruction or self.config.instruction) for _, samples in chunk]
             inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate(batch).items()}
-            for (index, _), text in zip(chunk, self.generate(**inputs, num_beams=num_beams, **generate_kwargs)):
+            for (index, _), text in zip(chunk, transcripts(self, decode(self, inputs, options))):
                 texts[index].append(text)
         return [" ".join(t for t in parts if t) for parts in texts]
 

@@ -1,5 +1,7 @@
 """The chat prompt of one sample, in token ids: the LLM's own chat template around the instruction,
-the audio placeholders and the transcript; the same pieces at training and at decoding time."""
+the audio placeholders and the transcript; the same pieces at training and at decoding time. And the
+layout of a batch of prompts: the opening they share, which one KV cache can serve."""
+import torch
 
 _AUDIO_MARKER = "\x00AUDIO\x00"  # only splits the templated text; never tokenized
 _ANSWER_MARKER = "\x00ANSWER\x00"
@@ -67,3 +69,26 @@ class ChatPrompt:
         answer = [] if transcript is None else self._ids(transcript) + end_of_turn
         audio_mask = [False] * len(before_audio) + [True] * num_audio_tokens + [False] * (len(after_audio) + len(answer))
         return dict(input_ids=prompt + answer, audio_mask=audio_mask, labels=[-100] * len(prompt) + answer)
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_mask: torch.Tensor) -> int:
+    """How many tokens open every left-padded prompt of the batch identically, before any audio:
+    the chat template's system prompt and the instruction when the batch shares one."""
+    starts = attention_mask.int().argmax(1)  # (B,) first real token of each row
+    first_audio = audio_mask.int().argmax(1)  # (B,)
+    length = max(0, int((first_audio - starts).min()))
+    tokens = input_ids.gather(1, starts[:, None] + torch.arange(length, device=input_ids.device))  # (B, length)
+    same = (tokens == tokens[:1]).all(0)  # (length,)
+    return int(same.int().cumprod(0).sum())
+
+
+def move_padding_after_prefix(x: torch.Tensor, attention_mask: torch.Tensor, prefix_length: int):
+    """Left padding -> padding between the shared prefix and the rest of each row, so that the
+    prefix occupies the same positions 0..P-1 in every row and one KV cache serves them all. Position
+    ids come from the attention mask's cumulative sum, so every real token keeps its position.
+    x: (B, L, ...), attention_mask: (B, L) -> both rearranged, same shapes."""
+    starts = attention_mask.int().argmax(1)[:, None]  # (B, 1): left padding of each row
+    j = torch.arange(attention_mask.shape[1], device=x.device)[None]  # (1, L)
+    source = torch.where(j < prefix_length, starts + j, torch.where(j < prefix_length + starts, j - prefix_length, j))
+    gathered = x.gather(1, source.view(*source.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+    return gathered, attention_mask.gather(1, source)

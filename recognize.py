@@ -11,7 +11,7 @@ result and its reason in `<result_path>.errors`. With --confidence, `<result_pat
 holds a line per decoded utterance: {"key", "llm_logprob", "ctc_logprob", "ctc_disagreement"}.
 
 Batches hold --batch_size utterances, or with --batch_seconds as many as fit that many seconds of
-padded audio (and --batch_tokens). Decoding (model.generate_ids): the LLM's greedy or beam search
+padded audio (and --batch_tokens). Decoding (decoding.decode): the LLM's greedy or beam search
 under a repetition guard and a token budget from each utterance's duration; joint CTC + LLM scoring
 with --ctc_decode_weight (default: the model's); --decode ctc for the CTC head alone.
 """
@@ -31,7 +31,9 @@ from tqdm import tqdm
 from compute_wer import format_report, score
 from data import (SAMPLE_RATE, BadAudio, Collator, InputError, SpeechDataset, check_entries, count_reasons,
                   default_batch_tokens, load_entry_audio, long_audio_pieces, pack_batches, read_jsonl, sequence_length)
-from model import CONFIG_NAME, SpeechLLM, max_transcript_tokens
+from decoding import DecodingOptions, token_budget, transcripts
+from decoding import decode as decode_batch
+from model import CONFIG_NAME, SpeechLLM
 
 
 def positive_int(text: str) -> int:
@@ -88,15 +90,22 @@ def parse_args(argv=None):
     p.add_argument("--lang", default="en", help="text normalization for scoring (compute_wer.py --lang)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.ctc_decode_weight is not None and not 0 <= args.ctc_decode_weight < 1:
-        p.error(f"--ctc_decode_weight must be in [0, 1), got {args.ctc_decode_weight} (CTC alone: --decode ctc)")
+    try:
+        args.decoding = decoding_options(args)
+    except ValueError as e:  # DecodingOptions names the field: the flag of the same name
+        p.error(f"--{e}")
     if not 0 <= args.chunk_seconds < float("inf") or 0 < args.chunk_seconds < 1:
         p.error(f"--chunk_seconds must be 0 (off) or >= 1, got {args.chunk_seconds}")
-    if args.max_repeats < 0:
-        p.error(f"--max_repeats must be >= 0, got {args.max_repeats}")
     if args.batch_tokens and not args.batch_seconds:
         p.error("--batch_tokens caps --batch_seconds batches: give --batch_seconds too")
     return args
+
+
+def decoding_options(args) -> DecodingOptions:
+    """The decoding flags, checked by DecodingOptions."""
+    return DecodingOptions(num_beams=args.num_beams, decode=args.decode, ctc_decode_weight=args.ctc_decode_weight,
+                           max_repeats=args.max_repeats, max_new_tokens=args.max_new_tokens,
+                           return_confidence=args.confidence)
 
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
@@ -246,11 +255,9 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
             records = []
             if batch is not None:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out = model.generate(**batch, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                     decode=args.decode, ctc_weight=args.ctc_decode_weight,
-                                     max_repeats=args.max_repeats, return_confidence=args.confidence)
-                texts, confidences = out if args.confidence else (out, [])
-                records = [dict(key=k, text=one_line(t)) for k, t in zip(keys, texts)]
+                out = decode_batch(model, batch, args.decoding)
+                ids, confidences = out if args.confidence else (out, [])
+                records = [dict(key=k, text=one_line(t)) for k, t in zip(keys, transcripts(model, ids))]
                 for record, confidence in zip(records, confidences):
                     record["confidence"] = confidence
             append_records(f, records + [dict(key=k, error=reason) for k, reason in errors.items()])
@@ -266,8 +273,8 @@ def decoding_batches(model, entries: list[dict], args) -> list[list[int]]:
     if not args.batch_seconds:
         return [list(range(i, min(i + args.batch_size, len(entries)))) for i in range(0, len(entries), args.batch_size)]
     seconds = [e["duration"] for e in entries]
-    tokens = [sequence_length(e, model, None) + (args.max_new_tokens or max_transcript_tokens(
-        e["duration"], model.config.max_tokens_per_second, model.config.max_tokens_extra)) for e in entries]
+    tokens = [sequence_length(e, model, None) + token_budget(model.config, args.decoding, e["duration"])
+              for e in entries]
     max_tokens = args.batch_tokens or default_batch_tokens(seconds, tokens, args.batch_seconds)
     return pack_batches(list(range(len(entries))), seconds, tokens, args.batch_seconds, max_tokens)
 

@@ -24,7 +24,8 @@ from transformers.trainer_utils import get_last_checkpoint, seed_worker
 
 from data import (Collator, DurationBatchSampler, InputError, LengthGroupedSampler, SpeechDataset, check_entries,
                   count_reasons, read_jsonl)
-from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, transcript_token_rate
+from decoding import DecodingOptions, transcript_token_rate
+from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig
 from projectors import PROJECTOR_TYPES
 
 
@@ -312,9 +313,9 @@ transformers.trainer.deepspeed_load_checkpoint = load_checkpoint_without_frozen
 
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
     """Out-of-range numbers stop the run here, before anything is loaded, not as a traceback later.
-    A numeric option is one row (tests/test_fuzz.py fails for one without); NaN and inf never pass."""
-    rules = {"projector_kernel": ">= 1", "projector_hidden": ">= 1", "ctc_weight": ">= 0",
-             "ctc_decode_weight": ">= 0, < 1", "lora_rank": ">= 0",
+    A numeric option is one row (tests/test_fuzz.py fails for one without), the decoding weight is
+    DecodingOptions' own check; NaN and inf never pass."""
+    rules = {"projector_kernel": ">= 1", "projector_hidden": ">= 1", "ctc_weight": ">= 0", "lora_rank": ">= 0",
              "lora_alpha": "> 0", "lora_dropout": ">= 0, < 1", "train_encoder_layers": ">= -1",
              "encoder_learning_rate": ">= 0", "pad_text_to": ">= 1", "max_audio_seconds": "> 0",
              "batch_seconds": "> 0", "batch_tokens": ">= 1",
@@ -328,6 +329,10 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         if value is not None and not (float("-inf") < value < float("inf") and all(
                 holds[op](value, float(bound)) for op, bound in map(str.split, rule.split(", ")))):
             raise InputError(f"--{name} must be {rule}, got {value}")
+    try:  # the decoding weight saved with the model: DecodingOptions checks it, as every decoding weight
+        DecodingOptions(ctc_decode_weight=model_args.ctc_decode_weight)
+    except ValueError as e:
+        raise InputError(f"--{e}") from None
     if model_args.ctc_decode_weight and not model_args.ctc_weight:
         raise InputError("--ctc_decode_weight needs the CTC head that --ctc_weight > 0 trains")
     if data_args.batch_seconds and not data_args.length_grouped:
@@ -358,7 +363,7 @@ def cpu_bf16_autocast_wanted(asked: bool) -> bool:
 
 
 def training_token_rate(model, entries: list[dict]) -> tuple[float, int]:
-    """The decoding token budget the training transcripts call for (model.transcript_token_rate): a
+    """The decoding token budget the training transcripts call for (decoding.transcript_token_rate): a
     transcript no longer than the fastest speech trained on is never cut, a runaway is cut soon."""
     num_tokens = [len(ids) for ids in model.tokenizer([e["txt"] for e in entries], add_special_tokens=False)["input_ids"]]
     return transcript_token_rate([e["duration"] for e in entries], num_tokens)

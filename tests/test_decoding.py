@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_model import loud_projector, make_batch, one_utterance
 
-from decoding import CTCHead, CTCPrefixScorer, RepetitionGuard, ctc_prefix_scores, initial_state
-from model import SpeechLLM, transcript_token_rate
+from decoding import (CTCHead, CTCPrefixScorer, DecodingOptions, RepetitionGuard, ctc_prefix_scores, generate_llm,
+                      initial_state, transcript_token_rate, transcripts)
+from model import SpeechLLM
 
 
 def collapse(path, blank):
@@ -84,10 +85,9 @@ def unpadded(model, ids):
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_weight_zero_decodes_exactly_as_the_llm_alone(ctc_model, num_beams):
     batch = make_batch(ctc_model, [0.8, 2.6, 1.7], inference=True)
-    plain = ctc_model.generate_llm(ctc_model.embed(batch["mel"], batch["mel_lengths"], batch["input_ids"],
-                                                   batch["audio_mask"]),
-                                   batch["input_ids"], batch["attention_mask"], batch["audio_mask"], num_beams, 12)
-    ours = ctc_model.generate_ids(**batch, num_beams=num_beams, max_new_tokens=12, ctc_weight=0.0, max_repeats=0)
+    plain = generate_llm(ctc_model, ctc_model.embed(batch["mel"], batch["mel_lengths"], batch["input_ids"],
+                                                    batch["audio_mask"]), batch, num_beams, 12)
+    ours = ctc_model.generate(**batch, num_beams=num_beams, max_new_tokens=12, ctc_decode_weight=0.0, max_repeats=0)
     assert ours.tolist() == plain.tolist()
     # the joint scorer itself at w = 0 (LLM scores on its candidates, -inf elsewhere) changes nothing
     original = CTCPrefixScorer.__init__
@@ -96,7 +96,7 @@ def test_weight_zero_decodes_exactly_as_the_llm_alone(ctc_model, num_beams):
         original(self, head, 0.0, *args, **kwargs)
     try:
         CTCPrefixScorer.__init__ = at_weight_zero
-        forced = ctc_model.generate_ids(**batch, num_beams=num_beams, max_new_tokens=12, ctc_weight=0.5, max_repeats=0)
+        forced = ctc_model.generate(**batch, num_beams=num_beams, max_new_tokens=12, ctc_decode_weight=0.5, max_repeats=0)
     finally:
         CTCPrefixScorer.__init__ = original
     assert forced.tolist() == plain.tolist()
@@ -107,15 +107,15 @@ def test_joint_decoding_batched_equals_one_by_one(ctc_model, num_beams, device):
     ctc_model.to(device)
     seconds = [0.8, 2.6, 1.7]
     batch = make_batch(ctc_model, seconds, inference=True)
-    options = dict(num_beams=num_beams, ctc_weight=0.3)
-    together = [unpadded(ctc_model, ids) for ids in ctc_model.generate_ids(**batch, **options)]
+    options = dict(num_beams=num_beams, ctc_decode_weight=0.3)
+    together = [unpadded(ctc_model, ids) for ids in ctc_model.generate(**batch, **options)]
     alone = []
     for i in range(len(seconds)):
         single = one_utterance(batch, i)
-        alone.append(unpadded(ctc_model, ctc_model.generate_ids(**single, **options)[0]))
+        alone.append(unpadded(ctc_model, ctc_model.generate(**single, **options)[0]))
     assert together == alone
     assert len({tuple(ids) for ids in together}) > 1
-    plain = [unpadded(ctc_model, ids) for ids in ctc_model.generate_ids(**batch, num_beams=num_beams, ctc_weight=0.0)]
+    plain = [unpadded(ctc_model, ids) for ids in ctc_model.generate(**batch, num_beams=num_beams, ctc_decode_weight=0.0)]
     assert plain != together  # the CTC scores really steer the search
 
 
@@ -140,13 +140,15 @@ def test_joint_decoding_returns_what_ctc_spells_where_the_llm_invents(ctc_model,
     with torch.no_grad():  # a blank on the scale of a token embedding, so that neither outscores the other
         ctc_model.projector.ctc_blank.copy_(0.2 * torch.randn(ctc_model.projector.ctc_blank.shape))
     monkeypatch.setattr(ctc_model, "encode_audio", lambda mel, mel_lengths: spell(ctc_model, batch, references))
-    llm_alone = ctc_model.generate(**batch, num_beams=num_beams, ctc_weight=0.0)
+    def decoded(**options):
+        return transcripts(ctc_model, ctc_model.generate(**batch, **options))
+    llm_alone = decoded(num_beams=num_beams, ctc_decode_weight=0.0)
     assert all(h != t for h, t in zip(llm_alone, texts))  # the random LLM invents
-    assert ctc_model.generate(**batch, num_beams=num_beams, ctc_weight=0.5) == texts
-    assert ctc_model.generate(**batch, decode="ctc") == texts
-    texts_out, confidence = ctc_model.generate(**batch, ctc_weight=0.5, return_confidence=True)
+    assert decoded(num_beams=num_beams, ctc_decode_weight=0.5) == texts
+    assert decoded(decode="ctc") == texts
+    _, confidence = ctc_model.generate(**batch, ctc_decode_weight=0.5, return_confidence=True)
     assert all(c["ctc_disagreement"] == 0 and c["ctc_logprob"] > -0.1 for c in confidence)
-    _, invented = ctc_model.generate(**batch, ctc_weight=0.0, return_confidence=True)
+    _, invented = ctc_model.generate(**batch, ctc_decode_weight=0.0, return_confidence=True)
     assert all(c["ctc_disagreement"] > 0.5 and c["ctc_logprob"] < -5 for c in invented)
 
 
@@ -186,8 +188,8 @@ def test_repetition_guard_counts_words_that_differ_only_in_case_and_punctuation(
 
 
 def test_generate_guards_words_with_the_models_own_token_texts(ctc_model, monkeypatch):
-    """generate_ids hands the guard its prompt's token texts: without them the word rule is off."""
-    import model as model_module
+    """decode() hands the guard its prompt's token texts: without them the word rule is off."""
+    import decoding
 
     guards = []
 
@@ -196,8 +198,8 @@ def test_generate_guards_words_with_the_models_own_token_texts(ctc_model, monkey
             super().__init__(*args, **kwargs)
             guards.append(self)
 
-    monkeypatch.setattr(model_module, "RepetitionGuard", RecordingGuard)
-    ctc_model.generate_ids(**make_batch(ctc_model, [2.0], inference=True), max_new_tokens=4)
+    monkeypatch.setattr(decoding, "RepetitionGuard", RecordingGuard)
+    ctc_model.generate(**make_batch(ctc_model, [2.0], inference=True), max_new_tokens=4)
     assert len(guards) == 1 and guards[0].token_text == ctc_model.prompt.token_text
 
 
@@ -209,8 +211,8 @@ def test_repetition_guard_ends_the_llms_loop(ctc_model):
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     batch = make_batch(ctc_model, [3.0, 2.0, 2.5], inference=True)
-    unguarded = ctc_model.generate_ids(**batch, max_repeats=0, max_new_tokens=40)
-    guarded = ctc_model.generate_ids(**batch, max_new_tokens=40)
+    unguarded = ctc_model.generate(**batch, max_repeats=0, max_new_tokens=40)
+    guarded = ctc_model.generate(**batch, max_new_tokens=40)
 
     def longest_run(ids):  # most consecutive copies of any n-gram
         ids, best = unpadded(ctc_model, ids), 1
@@ -234,16 +236,16 @@ def test_token_budget_bounds_each_utterance(ctc_model):
     budgets = [1 + math.ceil(2.0 * s) for s in seconds]
     eos = set(ctc_model.prompt.eos_token_ids)
     for num_beams in (1, 3):
-        rows = [unpadded(ctc_model, ids) for ids in ctc_model.generate_ids(**batch, num_beams=num_beams)]
+        rows = [unpadded(ctc_model, ids) for ids in ctc_model.generate(**batch, num_beams=num_beams)]
         assert all(len([t for t in row if t not in eos]) <= budget for row, budget in zip(rows, budgets))
         assert any(len(row) >= budget for row, budget in zip(rows, budgets))  # a budget really stopped a row
 
 
 def test_confidence_is_the_llms_mean_log_prob_of_its_tokens(ctc_model):
     batch = make_batch(ctc_model, [0.8, 2.6], inference=True)
-    ids, confidence = ctc_model.generate_ids(**batch, max_new_tokens=8, ctc_weight=0.0, max_repeats=0,
+    ids, confidence = ctc_model.generate(**batch, max_new_tokens=8, ctc_decode_weight=0.0, max_repeats=0,
                                              return_confidence=True)
-    out = ctc_model.generate_ids(**batch, max_new_tokens=8, ctc_weight=0.0, max_repeats=0,
+    out = ctc_model.generate(**batch, max_new_tokens=8, ctc_decode_weight=0.0, max_repeats=0,
                                  output_scores=True, return_dict_in_generate=True)
     assert out.sequences.tolist() == ids.tolist()
     step_log_probs = torch.stack(out.scores, 1).log_softmax(-1)  # (B, L, V): greedy's scores are the logits
@@ -259,11 +261,38 @@ def test_confidence_is_the_llms_mean_log_prob_of_its_tokens(ctc_model):
 def test_ctc_decoding_needs_a_ctc_head(tiny_model):
     batch = make_batch(tiny_model, [1.0], inference=True)
     with pytest.raises(ValueError, match="no CTC head"):
-        tiny_model.generate_ids(**batch, decode="ctc")
+        tiny_model.generate(**batch, decode="ctc")
     with pytest.raises(ValueError, match="no CTC head"):
-        tiny_model.generate_ids(**batch, ctc_weight=0.3)
-    _, confidence = tiny_model.generate_ids(**batch, max_new_tokens=4, return_confidence=True)
+        tiny_model.generate(**batch, ctc_decode_weight=0.3)
+    _, confidence = tiny_model.generate(**batch, max_new_tokens=4, return_confidence=True)
     assert set(confidence[0]) == {"llm_logprob"}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(ctc_decode_weight=1.0), r"^ctc_decode_weight must be in \[0, 1\)"),
+    (dict(ctc_decode_weight=float("nan")), r"^ctc_decode_weight must be in \[0, 1\)"),
+    (dict(num_beams=0), "^num_beams must be >= 1"), (dict(decode="beam"), "^decode must be 'llm' or 'ctc'"),
+    (dict(max_repeats=-1), "^max_repeats must be >= 0"), (dict(max_new_tokens=0), "^max_new_tokens must be >= 1")])
+def test_decoding_options_are_checked_when_made(options, message):
+    with pytest.raises(ValueError, match=message):
+        DecodingOptions(**options)
+
+
+def test_a_models_saved_decoding_weight_is_checked_as_a_given_one(tiny_config):
+    assert DecodingOptions().resolved(replace(tiny_config, ctc_decode_weight=0.5)).ctc_decode_weight == 0.5
+    assert DecodingOptions(ctc_decode_weight=0.0).resolved(replace(tiny_config, ctc_decode_weight=0.5)).ctc_decode_weight == 0.0
+    with pytest.raises(ValueError, match="^ctc_decode_weight must be in"):
+        DecodingOptions().resolved(replace(tiny_config, ctc_decode_weight=1.0))
+
+
+def test_generate_takes_options_or_their_fields_and_passes_the_rest_to_the_llm(ctc_model):
+    batch = make_batch(ctc_model, [0.8, 1.9], inference=True)
+    options = DecodingOptions(num_beams=2, max_new_tokens=6, ctc_decode_weight=0.3)
+    ids = ctc_model.generate(**batch, options=options)
+    assert ctc_model.generate(**batch, num_beams=2, max_new_tokens=6, ctc_decode_weight=0.3).tolist() == ids.tolist()
+    out = ctc_model.generate(**batch, options=options, return_dict_in_generate=True)  # a generate() kwarg
+    assert out.sequences.tolist() == ids.tolist()
+    assert options.generate_kwargs == {}  # options are frozen: the call's kwargs went into a copy
 
 
 def test_token_rate_budget_covers_the_corpus():
@@ -300,14 +329,14 @@ def test_recognize_writes_confidence_and_decodes_with_ctc(ctc_model, tmp_path):
     from data import Collator, load_audio, log_mel
     items = [dict(mel=log_mel(load_audio(str(tmp_path / "data" / f"utt{i}.wav")), 80), instruction=model.config.instruction)
              for i in range(3)]
-    texts, confidence = model.generate(**Collator(model, inference=True)(items), max_new_tokens=6, ctc_weight=0.3,
-                                       return_confidence=True)
-    assert texts == [hyps[f"utt{i}"] for i in range(3)]
+    ids, confidence = model.generate(**Collator(model, inference=True)(items), max_new_tokens=6, ctc_decode_weight=0.3,
+                                     return_confidence=True)
+    assert transcripts(model, ids) == [hyps[f"utt{i}"] for i in range(3)]
     for line, expected in zip(lines, confidence):
         assert line.pop("key") and line == pytest.approx(expected, abs=2e-3)
 
     ctc_hyps = recognize.main(common + ["--result_path", str(tmp_path / "ctc.txt"), "--decode", "ctc"])
-    ctc_texts = model.generate(**Collator(model, inference=True)(items), decode="ctc")
+    ctc_texts = transcripts(model, model.generate(**Collator(model, inference=True)(items), decode="ctc"))
     assert [ctc_hyps[f"utt{i}"] for i in range(3)] == [" ".join(t.split()) for t in ctc_texts]
 
 
@@ -351,7 +380,7 @@ def test_recognize_batch_seconds_decodes_as_batch_size_and_a_segment_as_its_cut_
 
     entries, _ = check_entries(read_jsonl(jsonl), ctc_model, for_training=False)
     entries = sorted(entries, key=lambda e: -e["duration"])
-    args = SimpleNamespace(batch_seconds=3.0, batch_tokens=500, batch_size=16, max_new_tokens=6)
+    args = SimpleNamespace(batch_seconds=3.0, batch_tokens=500, batch_size=16, decoding=DecodingOptions(max_new_tokens=6))
     batches = recognize.decoding_batches(ctc_model, entries, args)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert [len(b) for b in batches] != [8] and max(len(b) for b in batches) > 1
@@ -416,7 +445,7 @@ def test_recognize_decodes_a_long_recording_in_pieces_joined_in_order(ctc_model,
     assert list(whole) == list(hyps) and whole["short"] == hyps["short"]
     model = SpeechLLM.from_pretrained(tmp_path / "model")
     transcribed = model.transcribe([str(tmp_path / "long.wav"), audio[:2 * 16000]], chunk_seconds=20,
-                                   max_new_tokens=3, ctc_weight=0.3)
+                                   max_new_tokens=3, ctc_decode_weight=0.3)
     assert transcribed[0] == hyps["long"]
 
 

@@ -15,9 +15,9 @@ from decoding import CTCPrefixScorer, RepetitionGuard, TokenBudget
 from model import SpeechLLM
 from train import move_buffers
 
-DECODING_MODES = {"greedy, joint CTC": dict(ctc_weight=0.5), "beam 3, joint CTC": dict(num_beams=3, ctc_weight=0.5),
-                  "greedy, LLM alone": dict(ctc_weight=0.0), "beam 2, LLM alone": dict(num_beams=2, ctc_weight=0.0),
-                  "CTC alone": dict(decode="ctc"), "confidence": dict(ctc_weight=0.5, return_confidence=True)}
+DECODING_MODES = {"greedy, joint CTC": dict(ctc_decode_weight=0.5), "beam 3, joint CTC": dict(num_beams=3, ctc_decode_weight=0.5),
+                  "greedy, LLM alone": dict(ctc_decode_weight=0.0), "beam 2, LLM alone": dict(num_beams=2, ctc_decode_weight=0.0),
+                  "CTC alone": dict(decode="ctc"), "confidence": dict(ctc_decode_weight=0.5, return_confidence=True)}
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,10 @@ def only_our_code_on_meta(monkeypatch):
 @pytest.mark.parametrize("mode", DECODING_MODES)
 def test_decoding_makes_every_tensor_on_its_inputs_device(ctc_model, mode, only_our_code_on_meta):
     batch = make_batch(ctc_model, [0.8, 1.9], inference=True)
-    expected = ctc_model.generate_ids(**batch, min_new_tokens=3, **DECODING_MODES[mode])
+    expected = ctc_model.generate(**batch, min_new_tokens=3, **DECODING_MODES[mode])
     only_our_code_on_meta(ctc_model)
     with torch.device("meta"):
-        out = ctc_model.generate_ids(**batch, min_new_tokens=3, **DECODING_MODES[mode])
+        out = ctc_model.generate(**batch, min_new_tokens=3, **DECODING_MODES[mode])
     ids = out[0] if isinstance(out, tuple) else out
     assert ids.device.type == "cpu"
     torch.testing.assert_close(ids, expected[0] if isinstance(expected, tuple) else expected)

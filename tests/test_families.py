@@ -133,7 +133,6 @@ def test_instruction_given_at_decoding_changes_the_prompt(tiny_model, tmp_path, 
     """recognize.py --instruction replaces the trained default in every prompt (a jsonl `instruction`
     still wins): what measuring prompt sensitivity relies on."""
     import recognize
-    from model import SpeechLLM
 
     tiny_model.save_pretrained(tmp_path / "model")
     jsonl = write_corpus(tmp_path / "data", ["a", "b"], [0.5, 0.6])
@@ -142,11 +141,12 @@ def test_instruction_given_at_decoding_changes_the_prompt(tiny_model, tmp_path, 
     jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
     prompts = []
 
-    def recording_generate(self, input_ids, attention_mask, **kwargs):
-        prompts.extend(self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(input_ids, attention_mask))
-        return [""] * len(input_ids)
+    def recording_decode(model, batch, options):
+        prompts.extend(model.tokenizer.decode(row[mask.bool()])
+                       for row, mask in zip(batch["input_ids"], batch["attention_mask"]))
+        return torch.full((len(batch["input_ids"]), 1), model.prompt.eos_token_ids[0])  # empty transcripts
 
-    monkeypatch.setattr(SpeechLLM, "generate", recording_generate)
+    monkeypatch.setattr(recognize, "decode_batch", recording_decode)
     for instruction in [None, "Write down every word you hear."]:
         prompts.clear()
         recognize.main(["--model_dir", str(tmp_path / "model"), "--data_path", str(jsonl), "--result_path",
@@ -202,8 +202,9 @@ def test_overfit_train_then_recognize(family, family_llm_dir, tiny_whisper_path,
     assert f"{'CER' if lang == 'zh' else 'WER'} 0.00 [ 0 / {units}, 0 ins, 0 del, 0 sub ]" in out.stdout
 
 
-def test_text_ends_at_the_end_of_turn_without_a_pad_token(family_llm_dir, tiny_whisper_path, monkeypatch):
+def test_text_ends_at_the_end_of_turn_without_a_pad_token(family_llm_dir, tiny_whisper_path):
     """Llama 3 has no pad token: rows that finished early are padded with token 0, "!", a real token."""
+    from decoding import transcripts
     from model import SpeechLLM, SpeechLLMConfig
 
     model = SpeechLLM(SpeechLLMConfig(whisper_model=str(tiny_whisper_path), llm_model=str(family_llm_dir("llama3")),
@@ -213,8 +214,7 @@ def test_text_ends_at_the_end_of_turn_without_a_pad_token(family_llm_dir, tiny_w
             tok("hi", add_special_tokens=False)["input_ids"] + [eot]]
     padded = torch.tensor([row + [model.prompt.placeholder_id] * (5 - len(row)) for row in rows])
     assert model.prompt.placeholder_id == 0 and tok.decode(padded[1], skip_special_tokens=True) == "hi!!!"
-    monkeypatch.setattr(model, "generate_ids", lambda *args, **kwargs: padded)
-    assert model.generate() == ["good morning", "hi"]
+    assert transcripts(model, padded) == ["good morning", "hi"]
 
 
 def test_repetition_guard_reads_words_from_each_tokenizer(tokenizer):

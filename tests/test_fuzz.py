@@ -181,8 +181,8 @@ def test_whatever_the_check_pass_keeps_trains_and_decodes(model, audios, txt):
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.projector.parameters()
                                         if p.grad is not None)
-    texts = model.generate(**Collator(model, inference=True)(items), max_new_tokens=2)
-    assert len(texts) == len(items)
+    ids = model.generate(**Collator(model, inference=True)(items), max_new_tokens=2)
+    assert len(ids) == len(items)
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import torch
 from conftest import synth_audio
 
 from data import Collator, log_mel
+from decoding import transcripts
 from model import N_FRAMES_30S, SpeechLLM, merge_audio_embeds, num_audio_tokens, whisper_encode
 
 INSTRUCTION = "Transcribe the speech."
@@ -131,11 +132,11 @@ def test_batched_greedy_equals_one_by_one(tiny_model, device):
             ids.pop()
         return ids
 
-    together = [unpadded(ids) for ids in tiny_model.generate_ids(**batch, **lengths)]
+    together = [unpadded(ids) for ids in tiny_model.generate(**batch, **lengths)]
     alone = []
     for i in range(len(seconds)):
         single = one_utterance(batch, i)
-        alone.append(unpadded(tiny_model.generate_ids(**single, **lengths)[0]))
+        alone.append(unpadded(tiny_model.generate(**single, **lengths)[0]))
     assert together == alone
     assert len({tuple(ids) for ids in together}) > 1  # the comparison is not vacuous
 
@@ -157,10 +158,10 @@ def test_beam_search_returns_the_best_scoring_hypothesis(tiny_model):
     for seed in range(8):
         loud_projector(tiny_model, seed)  # a different "speech" for the same random LLM
         batch = make_batch(tiny_model, [1.0], inference=True)
-        greedy = tiny_model.generate_ids(**batch, **fixed)[0].tolist()
-        assert tiny_model.generate_ids(**batch, num_beams=1, **fixed)[0].tolist() == greedy
-        beams = tiny_model.generate_ids(**batch, num_beams=4, num_return_sequences=4, **fixed).tolist()
-        assert tiny_model.generate_ids(**batch, num_beams=4, **fixed)[0].tolist() == beams[0]
+        greedy = tiny_model.generate(**batch, **fixed)[0].tolist()
+        assert tiny_model.generate(**batch, num_beams=1, **fixed)[0].tolist() == greedy
+        beams = tiny_model.generate(**batch, num_beams=4, num_return_sequences=4, **fixed).tolist()
+        assert tiny_model.generate(**batch, num_beams=4, **fixed)[0].tolist() == beams[0]
         with torch.no_grad():
             scores = [answer_logprob(tiny_model, batch, ids) for ids in beams]
             greedy_score = answer_logprob(tiny_model, batch, greedy)
@@ -180,11 +181,10 @@ def test_save_pretrained_from_pretrained_reproduces_outputs(tiny_model, tmp_path
     assert loaded.config == tiny_model.config
     for (name, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert loaded.generate(**batch, max_new_tokens=8) == tiny_model.generate(**batch, max_new_tokens=8)
-    assert loaded.transcribe([synth_audio(0, 1.2)], instruction="Please transcribe.") == \
-        tiny_model.generate(**{k: v[:1] for k, v in make_batch(tiny_model, [1.2], inference=True,
-                                                                instruction="Please transcribe.").items()},
-                            max_new_tokens=None)
+    assert loaded.generate(**batch, max_new_tokens=8).tolist() == tiny_model.generate(**batch, max_new_tokens=8).tolist()
+    assert loaded.transcribe([synth_audio(0, 1.2)], instruction="Please transcribe.") == transcripts(
+        tiny_model, tiny_model.generate(**{k: v[:1] for k, v in make_batch(tiny_model, [1.2], inference=True,
+                                                                          instruction="Please transcribe.").items()}))
 
 
 def test_loss_on_label_positions_only_equals_the_llms_own_loss(tiny_model, device):
@@ -210,7 +210,7 @@ def mixed_batch(model):
 @pytest.mark.parametrize("num_beams", [1, 4])
 @pytest.mark.parametrize("rows", [[0, 1], [0, 1, 2]])  # one shared instruction; mixed instructions
 def test_prefix_kv_cache_decodes_exactly_as_without(tiny_model, num_beams, rows, device):
-    from model import shared_prefix_length
+    from prompt import shared_prefix_length
 
     tiny_model.to(device)
     loud_projector(tiny_model)
@@ -221,10 +221,10 @@ def test_prefix_kv_cache_decodes_exactly_as_without(tiny_model, num_beams, rows,
     before_audio = len(tiny_model.prompt._pieces(INSTRUCTION)[0])
     assert shared == (before_audio if len(rows) == 2 else before_audio - len(instruction_ids))
     lengths = dict(min_new_tokens=4, max_new_tokens=10, num_beams=num_beams)
-    without = tiny_model.generate_ids(**batch, prefix_cache=False, **lengths)
-    with_cache = tiny_model.generate_ids(**batch, prefix_cache=True, **lengths)
+    without = tiny_model.generate(**batch, prefix_cache=False, **lengths)
+    with_cache = tiny_model.generate(**batch, prefix_cache=True, **lengths)
     assert with_cache.tolist() == without.tolist()
-    assert tiny_model.generate_ids(**batch, **lengths).tolist() == without.tolist()  # a reused cache: the same
+    assert tiny_model.generate(**batch, **lengths).tolist() == without.tolist()  # a reused cache: the same
     assert len({tuple(ids) for ids in without.tolist()}) > 1  # the comparison is not vacuous
 
 
@@ -233,7 +233,7 @@ def test_beam_search_encodes_each_utterance_once(tiny_model):
     encoded_rows = []
     hook = tiny_model.encoder.conv1.register_forward_hook(lambda module, args, out: encoded_rows.append(len(args[0])))
     batch = make_batch(tiny_model, [0.8, 1.5], inference=True)
-    tiny_model.generate_ids(**batch, num_beams=4, max_new_tokens=3)
+    tiny_model.generate(**batch, num_beams=4, max_new_tokens=3)
     hook.remove()
     assert encoded_rows == [2]
 

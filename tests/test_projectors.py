@@ -64,7 +64,7 @@ def test_save_load_keeps_the_type_and_its_outputs(projector_model, tmp_path):
     assert type(loaded.projector) is type(projector_model.projector)
     torch.testing.assert_close(loaded.encode_audio(batch["mel"], batch["mel_lengths"]),
                                projector_model.encode_audio(batch["mel"], batch["mel_lengths"]))
-    assert loaded.generate(**batch, max_new_tokens=6) == projector_model.generate(**batch, max_new_tokens=6)
+    assert loaded.generate(**batch, max_new_tokens=6).tolist() == projector_model.generate(**batch, max_new_tokens=6).tolist()
 
 
 def test_a_config_saved_before_projector_types_loads_as_conv(tiny_config, tmp_path):

@@ -93,6 +93,6 @@ def test_shipped_projector_transcribes_the_examples():
     from model import SpeechLLM
 
     entries = read_jsonl(PRETRAINED.parents[1] / "examples" / "examples.jsonl")
-    hyps = SpeechLLM.from_pretrained(PRETRAINED).transcribe([e["wav"] for e in entries], num_beams=4, ctc_weight=0.3)
+    hyps = SpeechLLM.from_pretrained(PRETRAINED).transcribe([e["wav"] for e in entries], num_beams=4, ctc_decode_weight=0.3)
     result = score({e["key"]: e["txt"] for e in entries}, {e["key"]: h for e, h in zip(entries, hyps)})
     assert result.error_rate < 35

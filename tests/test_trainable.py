@@ -100,9 +100,9 @@ def test_merged_lora_decodes_like_unmerged(tiny_config, tmp_path):
     train_steps(model, steps=3, lr=5e-2)
     model.save_pretrained(tmp_path)
     batch = make_batch(model, [1.0, 2.0, 1.4], inference=True)
-    unmerged = model.generate_ids(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    unmerged = model.generate(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
     merged_model = SpeechLLM.from_pretrained(tmp_path, merge_lora=True)
-    merged = merged_model.generate_ids(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    merged = merged_model.generate(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
     assert torch.equal(merged.sequences, unmerged.sequences)
     torch.testing.assert_close(torch.stack(merged.scores), torch.stack(unmerged.scores), rtol=1e-4, atol=1e-4)
     # and the adapters matter: without them the model decodes otherwise
@@ -111,7 +111,7 @@ def test_merged_lora_decodes_like_unmerged(tiny_config, tmp_path):
         for name, param in base.named_parameters():
             if ".lora_B." in name:
                 param.zero_()
-    plain = base.generate_ids(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    plain = base.generate(**batch, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
     assert not torch.allclose(torch.stack(plain.scores), torch.stack(unmerged.scores), atol=1e-3)
     with pytest.raises(ValueError, match="merged"):
         merged_model.save_pretrained(tmp_path / "again")
@@ -144,7 +144,7 @@ def test_decoding_prefix_cache_does_not_outlive_a_weight_change(tiny_config, set
     batch = make_batch(model, [1.0, 1.7], inference=True)
 
     def scores(prefix_cache):
-        out = model.generate_ids(**batch, max_new_tokens=4, prefix_cache=prefix_cache, output_scores=True,
+        out = model.generate(**batch, max_new_tokens=4, prefix_cache=prefix_cache, output_scores=True,
                                  return_dict_in_generate=True)
         return torch.stack(out.scores)
 
@@ -186,7 +186,7 @@ def test_bf16_weights_forward_backward_generate(tiny_config, setting, device):
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.dtype == torch.bfloat16 for g in grads.values())
     model.eval()
-    ids = model.generate_ids(**make_batch(model, [1.0, 1.6], inference=True), max_new_tokens=5, num_beams=2)
+    ids = model.generate(**make_batch(model, [1.0, 1.6], inference=True), max_new_tokens=5, num_beams=2)
     assert ids.shape[0] == 2 and ids.shape[1] <= 5
 
 
