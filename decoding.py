@@ -22,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from hotwords import HotwordBonus, Hotwords
 from prompt import move_padding_after_prefix, shared_prefix_length
+from timestamps import Word, aligned_log_probs, ctc_forced_align, words_from_tokens
 
 MEL_FRAMES_PER_SECOND = 100  # Whisper's log-mel hop: 10 ms
 
@@ -41,6 +43,8 @@ class DecodingOptions:
     max_new_tokens: int | None = None  # None: each utterance's budget from its duration (token_budget)
     return_confidence: bool = False  # decode() also returns per-utterance confidence (see confidence())
     prefix_cache: bool = True  # the prompt's shared opening computed once, its KV cache reused
+    word_timestamps: bool = False  # decode() also returns each utterance's words, timed by the CTC head
+    hotwords: Hotwords | None = None  # a bonus for hypotheses that spell these phrases (hotwords.py)
     generate_kwargs: dict = field(default_factory=dict)  # more keyword arguments for the LLM's generate()
 
     def __post_init__(self):
@@ -74,21 +78,27 @@ def decode(model, batch: dict, options: DecodingOptions = DecodingOptions()):
     """Batched decoding of left-padded prompts (a Collator(model, inference=True) batch: mel,
     mel_lengths, input_ids, attention_mask, audio_mask) -> new token ids (B, <= budget), each row ended
     by an end-of-turn token unless it ran out of budget, then padded with the prompt's placeholder id;
-    with return_confidence (ids, a confidence dict per utterance). The encoder runs once per
-    utterance: generate() expands the finished embeddings to the beams."""
+    with return_confidence or word_timestamps (ids, a dict per utterance: the confidence() fields,
+    "words": its timed words). The encoder runs once per utterance: generate() expands the finished
+    embeddings to the beams."""
     options = options.resolved(model.config)
     audio_embeds = model.encode_audio(batch["mel"], batch["mel_lengths"])  # (audio tokens in batch, llm_dim)
     inputs_embeds = model.splice(batch["input_ids"], audio_embeds, batch["audio_mask"])  # (B, L, llm_dim)
-    wants_ctc = (options.decode == "ctc" or options.ctc_decode_weight > 0
+    wants_ctc = (options.decode == "ctc" or options.ctc_decode_weight > 0 or options.word_timestamps
                  or (options.return_confidence and model.projector.ctc_blank is not None))
     head = ctc_head(model, audio_embeds, batch["audio_mask"]) if wants_ctc else None
     if options.decode == "ctc":
         ids = ctc_greedy_ids(head, model.prompt, batch["input_ids"].device)
     else:
         ids = llm_ids(model, batch, inputs_embeds, head, options)
-    if not options.return_confidence:
+    if not (options.return_confidence or options.word_timestamps):
         return ids
-    return ids, confidence(model, inputs_embeds, batch["attention_mask"], ids, head)
+    llm_log_probs = hypothesis_log_probs(model.llm, inputs_embeds, batch["attention_mask"], ids, model.prompt.eos_token_ids)
+    details = confidence(model, ids, head, llm_log_probs) if options.return_confidence else [{} for _ in llm_log_probs]
+    if options.word_timestamps:
+        for item, words in zip(details, timed_words(model, ids, head, llm_log_probs)):
+            item["words"] = words
+    return ids, details
 
 
 def transcripts(model, ids: torch.Tensor) -> list[str]:
@@ -115,7 +125,9 @@ def llm_ids(model, batch: dict, inputs_embeds, head, options: DecodingOptions) -
     if options.max_repeats > 0:  # first: the other processors see the banned tokens as impossible
         processors.append(RepetitionGuard(options.max_repeats, token_text=model.prompt.token_text))
     if options.ctc_decode_weight > 0:
-        processors.append(CTCPrefixScorer(head, options.ctc_decode_weight, options.num_beams, eos))
+        processors.append(CTCPrefixScorer(head, options.ctc_decode_weight, options.num_beams, eos, hotwords=options.hotwords))
+    if options.hotwords is not None:  # after joint scoring: its bonus adds to the joint scores
+        processors.append(HotwordBonus(options.hotwords))
     processors.append(TokenBudget(budgets, options.num_beams, eos))
     return generate_llm(model, inputs_embeds, batch, options.num_beams, int(budgets.max()), options.prefix_cache,
                         logits_processor=processors, **options.generate_kwargs)
@@ -247,8 +259,8 @@ class CTCHead:
 def ctc_head(model, audio_embeds, audio_mask) -> CTCHead:
     """The CTC posteriors of a batch: audio_embeds (num_audio_tokens in batch, D), audio_mask (B, L)."""
     if model.projector.ctc_blank is None:
-        raise ValueError("this model has no CTC head (it was trained without --ctc_weight): CTC decoding "
-                         "and ctc_decode_weight > 0 need one")
+        raise ValueError("this model has no CTC head (it was trained without --ctc_weight): CTC decoding, "
+                         "ctc_decode_weight > 0 and word timestamps need one")
     num_frames = audio_mask.sum(1)  # (B,)
     padded = audio_embeds.new_zeros(len(num_frames), int(num_frames.max()), audio_embeds.shape[-1])  # (B, T, D)
     padded[torch.arange(padded.shape[1], device=padded.device) < num_frames[:, None]] = audio_embeds
@@ -305,12 +317,13 @@ class CTCPrefixScorer(LogitsProcessor):
     - log p_CTC(g)) for candidates c, -inf for the rest, so a hypothesis' total is
     (1 - w) log p_LLM + w log p_CTC(prefix). End of turn is scored with the probability that g is the
     whole transcript. Candidates: the LLM's top `num_candidates` and every token CTC's own best path
-    spells for the utterance (words the LLM alone would not propose). Row r is utterance r // num_beams
-    (generate() expands the batch beam by beam); rows that have ended are left alone."""
+    spells for the utterance (words the LLM alone would not propose), and with hotwords the tokens that
+    go on or begin a listed phrase. Row r is utterance r // num_beams (generate() expands the batch
+    beam by beam); rows that have ended are left alone."""
 
     def __init__(self, head: CTCHead, weight: float, num_beams: int, eos_token_ids: list[int],
-                 num_candidates: int = 8):
-        self.head, self.weight, self.num_beams = head, weight, num_beams
+                 num_candidates: int = 8, hotwords: Hotwords | None = None):
+        self.head, self.weight, self.num_beams, self.hotwords = head, weight, num_beams, hotwords
         self.eos = torch.tensor(eos_token_ids, device=head.audio_embeds.device)
         self.num_candidates = max(num_candidates, 2 * num_beams)  # beam search keeps 2 x beams per step
         self.ctc_tokens = [sorted(set(ids)) for ids in head.greedy_ids()]
@@ -326,7 +339,8 @@ class CTCPrefixScorer(LogitsProcessor):
         r_prev, psi_prev = zip(*[self.state(u, p) for u, p in zip(utts.tolist(), prefixes)])
         r_prev, psi_prev = torch.stack(r_prev), torch.tensor(psi_prev, dtype=torch.float64, device=rows.device)  # (N, T, 2), (N,)
         top = log_probs[rows].topk(self.num_candidates, -1).indices  # (N, k)
-        extra = [self.ctc_tokens[u] for u in utts.tolist()]
+        extra = [self.ctc_tokens[u] + (self.hotwords.candidates(p) if self.hotwords else [])
+                 for u, p in zip(utts.tolist(), prefixes)]
         width = max(map(len, extra))
         extra = torch.tensor([e + [t] * (width - len(e)) for e, t in zip(extra, top[:, 0].tolist())], device=rows.device)
         tokens = torch.cat([top, extra.view(len(rows), width)], 1)  # (N, K), duplicates harmless
@@ -438,21 +452,43 @@ class TokenBudget(LogitsProcessor):
 # Confidence
 
 
-def confidence(model, inputs_embeds, attention_mask, ids, head: CTCHead | None) -> list[dict]:
+def confidence(model, ids, head: CTCHead | None, llm_log_probs: list[list[float]]) -> list[dict]:
     """Per utterance: llm_logprob, the LLM's mean log-probability of the hypothesis' tokens and its
-    end of turn; with a CTC head also ctc_logprob, CTC's log-probability of the hypothesis per
-    token, and ctc_disagreement, the token edit distance between the hypothesis and CTC's own best
-    path over that path's length. Low log-probs and high disagreement flag hallucinations."""
+    end of turn (llm_log_probs: hypothesis_log_probs); with a CTC head also ctc_logprob, CTC's
+    log-probability of the hypothesis per token, and ctc_disagreement, the token edit distance between
+    the hypothesis and CTC's own best path over that path's length. Low log-probs and high
+    disagreement flag hallucinations."""
     eos = model.prompt.eos_token_ids
     ctc_best = head.greedy_ids() if head is not None else None
     out = []
-    for u, log_probs in enumerate(hypothesis_log_probs(model.llm, inputs_embeds, attention_mask, ids, eos)):
+    for u, log_probs in enumerate(llm_log_probs):
         item = dict(llm_logprob=round(sum(log_probs) / max(len(log_probs), 1), 4))
         if head is not None:
             hyp = [t for t in ids[u].tolist()[:len(log_probs)] if t not in eos]
             item["ctc_logprob"] = round(head.sequence_log_prob(u, hyp) / max(len(hyp), 1), 4)
             item["ctc_disagreement"] = round(token_edit_distance(hyp, ctc_best[u]) / max(len(ctc_best[u]), 1), 4)
         out.append(item)
+    return out
+
+
+def timed_words(model, ids, head: CTCHead, llm_log_probs: list[list[float]]) -> list[list[Word]]:
+    """Each hypothesis force-aligned to its utterance's CTC posteriors (timestamps.py): its words, with
+    start and end in seconds from the start of its audio at the audio tokens' resolution (an audio token
+    is projector_kernel encoder frames of 2 mel frames), CTC's and the LLM's confidence. A hypothesis
+    longer than its audio can hold (possible only without joint scoring) is spread evenly over it."""
+    eos = model.prompt.eos_token_ids
+    seconds_per_token = model.config.projector_kernel * 2 / MEL_FRAMES_PER_SECOND
+    out = []
+    for u, log_probs in enumerate(llm_log_probs):
+        hyp = [t for t in ids[u].tolist()[:len(log_probs)] if t not in eos]
+        frames = head.log_probs(u)  # (T, V + 1)
+        try:
+            spans = ctc_forced_align(frames, hyp, head.blank_id)
+        except ValueError:
+            spans = [(i * len(frames) // len(hyp), max(i * len(frames) // len(hyp), (i + 1) * len(frames) // len(hyp) - 1))
+                     for i in range(len(hyp))]
+        out.append(words_from_tokens([model.prompt.token_text(t) for t in hyp], spans,
+                                     aligned_log_probs(frames, hyp, spans), log_probs[:len(hyp)], seconds_per_token))
     return out
 
 

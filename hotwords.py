@@ -7,8 +7,8 @@ and the total a hypothesis gains is the weight times the tokens of the phrases i
     hotwords = Hotwords.from_lines(["Linux 2.0", "Joe King"], tokenizer)   # "phrase[ weight]" per line
     processors.append(HotwordBonus(hotwords))   # after the other logits processors (decoding.py)
 
-It adds to the scores the other processors leave: under joint CTC scoring a phrase's tokens get the
-bonus only where they are among the scorer's candidates (the LLM's top tokens and CTC's best path).
+It adds to the scores the other processors leave; joint CTC scoring takes the phrases' next tokens
+among its candidates (Hotwords.candidates), so the audio decides whether a phrase was said.
 """
 import math
 from dataclasses import dataclass, field
@@ -64,6 +64,11 @@ class Hotwords:
         for token in ids:
             node = node.children.get(token) or self.root.children.get(token) or self.root
         return node, self.earned(ids, node)
+
+    def candidates(self, ids: list[int]) -> list[int]:
+        """The tokens that go on the hypothesis' phrase or begin one: what joint CTC scoring must score."""
+        node, _ = self.state(ids)
+        return sorted(set(node.children) | set(self.root.children))
 
     def earned(self, ids: list[int], node: Node) -> float:
         """The bonus given to the last node.depth tokens on the way to node."""
