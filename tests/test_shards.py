@@ -1,0 +1,211 @@
+"""Sharded data (shards.py): tools/prepare_data.py shard, the index, the streamed dataset (ranks,
+workers, shuffling, duration batches, exact resume, bad samples), reading over a real HTTP server on
+127.0.0.1 with a connection dropped mid-shard and over an S3 server (moto), and train.py /
+recognize.py on shards."""
+import io
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import webdataset
+from conftest import ROOT, write_corpus
+from helpers.bad_audio import write_damaged_flac
+from helpers.range_server import serve
+
+sys.path.insert(0, str(ROOT / "tools"))
+
+import prepare_data  # noqa: E402
+from data import InputError, load_audio, read_jsonl  # noqa: E402
+from shards import (ShardDataset, TrackedLoader, collate_with_position, expand_shards, index_entries,  # noqa: E402
+                    index_name, read_indexes, read_samples, sample_entry)
+
+DURATIONS = [0.5, 1.7, 0.8, 2.5, 1.1, 0.6, 2.0, 1.4, 0.9, 1.2, 3.0, 0.7, 1.9, 1.0]
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "clips", [f"text {i}" for i in range(len(DURATIONS))], DURATIONS)
+
+
+def make_shards(corpus: Path, out: Path, *extra) -> list[str]:
+    prepare_data.main(["shard", str(corpus), str(out), "--max_count", "3", *extra])
+    return expand_shards(f"{out}/shard-*.tar")
+
+
+def keys_of(batches) -> list[list[str]]:
+    return [[item["key"] for item in items] for items, _ in batches]
+
+
+def dataset(shards, **kwargs) -> ShardDataset:
+    return ShardDataset(shards, 80, "Transcribe.", **dict(dict(batch_seconds=3.0, buffer_size=4, seed=1), **kwargs))
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+
+
+def test_shard_tool_writes_shards_of_n_utterances_with_an_index(corpus, tmp_path, capsys):
+    shards = make_shards(corpus, tmp_path / "shards")
+    assert len(shards) == 5 and f"wrote 14 utterances to 5 shards" in capsys.readouterr().out
+    entries = index_entries(shards, read_indexes(shards))
+    assert [e["key"] for e in entries] == [f"utt{i}" for i in range(14)]  # input order
+    assert [e["duration"] for e in entries] == DURATIONS and entries[3]["txt"] == "text 3"
+    # FLAC at 16 bits: the audio the model gets, within 16-bit rounding
+    first = dict(read_samples(shards[1]))
+    offset, sample = next(iter(first.items()))
+    meta = json.loads(sample["json"])
+    assert meta == {"key": "utt3", "txt": "text 3", "duration": 2.5} and set(sample) == {"__key__", "flac", "json"}
+    assert np.abs(load_audio(io.BytesIO(sample["flac"])) - load_audio(corpus.parent / "utt3.wav")).max() < 1e-4
+    # the index's offsets give random access: reading from one starts at that sample
+    offsets = json.loads(Path(index_name(shards[1])).read_text())["offsets"]
+    assert [o for o, _ in read_samples(shards[1], offsets[2])] == [offsets[2]]
+    # the same input makes the same bytes; an existing set is kept without --force
+    before = Path(shards[0]).read_bytes()
+    with pytest.raises(InputError, match="already holds shards"):
+        make_shards(corpus, tmp_path / "shards")
+    make_shards(corpus, tmp_path / "shards", "--force")
+    assert Path(shards[0]).read_bytes() == before
+
+
+def test_shard_tool_by_size_original_bytes_segments_and_skips(corpus, tmp_path, capsys):
+    with open(corpus, "a") as f:  # a segment, a missing file, a file of no audio
+        f.write(json.dumps({"key": "seg", "wav": "utt3.wav", "start": 0.5, "end": 1.5, "txt": "s"}) + "\n")
+        f.write(json.dumps({"key": "gone", "wav": "gone.wav", "txt": "x"}) + "\n")
+    (corpus.parent / "junk.wav").write_bytes(b"RIFF" + bytes(100))
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"key": "junk", "wav": "junk.wav", "txt": "x"}) + "\n")
+    shards = make_shards(corpus, tmp_path / "shards", "--max_count", "100", "--max_mb", "0.1", "--audio", "original")
+    assert "skipped 2: 1 missing, 1 unreadable" in capsys.readouterr().out
+    samples = [sample for shard in shards for _, sample in read_samples(shard)]
+    assert all(os.path.getsize(s) < 0.1 * 2**20 + 100_000 for s in shards) and len(shards) > 2
+    by_key = {json.loads(s["json"])["key"]: s for s in samples}
+    assert by_key["utt3"]["wav"] == (corpus.parent / "utt3.wav").read_bytes()  # the original bytes
+    assert "flac" in by_key["seg"] and json.loads(by_key["seg"]["json"])["duration"] == 1.0  # a segment: cut
+
+
+# ----------------------------------------------------------------------------------------
+# The streamed dataset
+
+
+def loader(ds: ShardDataset, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                       collate_fn=lambda batch: batch, multiprocessing_context="fork" if workers else None)
+
+
+def test_an_epoch_holds_every_utterance_once_over_ranks_and_workers(corpus, tmp_path):
+    shards = make_shards(corpus, tmp_path / "shards")
+    seen = Counter()
+    for rank in range(2):
+        for items in keys_of(loader(dataset(shards, epochs=1, rank=rank, world_size=2), workers=2)):
+            seen.update(items)
+    assert seen == Counter(f"utt{i}" for i in range(14))
+    with pytest.raises(InputError, match="5 shards for 6 readers"):
+        next(iter(dataset(shards, world_size=6)))
+
+
+def test_batches_fit_the_budget_and_epochs_are_reshuffled(corpus, tmp_path):
+    shards = make_shards(corpus, tmp_path / "shards")
+    durations = dict(zip([f"utt{i}" for i in range(14)], DURATIONS))
+    batches = keys_of(dataset(shards, epochs=2, buffer_size=6, batch_seconds=4.0))
+    for batch in batches:
+        assert len(batch) * max(durations[k] for k in batch) <= 4.0 or len(batch) == 1
+    epoch0, epoch1 = batches[: len(batches) // 2], batches[len(batches) // 2:]
+    assert sorted(k for b in epoch0 for k in b) == sorted(durations) and epoch0 != epoch1
+    assert keys_of(dataset(shards, epochs=2, buffer_size=6, batch_seconds=4.0)) == batches  # from the seed
+    fixed = keys_of(dataset(shards, epochs=1, batch_seconds=None, batch_size=2))
+    assert sorted(map(len, fixed))[-1] == 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_exactly_the_batches_an_uninterrupted_run_gives(corpus, tmp_path, workers):
+    """Stopped after any number of batches and started again from the positions kept then, the
+    stream goes on with the very batches (and order) it would have given: none repeated, none lost."""
+    shards = make_shards(corpus, tmp_path / "shards")
+    num_slots = max(1, workers)
+
+    def run(resume, count):
+        tracked = TrackedLoader(loader(dataset(shards, resume=resume), workers), num_slots, resume)
+        stream = iter(tracked)
+        return [[item["key"] for item in next(stream)] for _ in range(count)], tracked.state()
+
+    straight, _ = run(None, 24)  # beyond an epoch: the stream runs on forever
+    for stop in [1, 4, 7, 13]:
+        before, state = run(None, stop)
+        after, _ = run(json.loads(json.dumps(state)), 24 - stop)  # as saved in a checkpoint
+        assert before + after == straight
+
+
+def test_bad_samples_are_counted_and_skipped(tmp_path, corpus):
+    damaged = corpus.parent / "damaged.flac"
+    write_damaged_flac(damaged)  # a good header: only decoding fails
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"key": "damaged", "wav": "damaged.flac", "txt": "d"}) + "\n")
+    shards = make_shards(corpus, tmp_path / "shards", "--audio", "original")
+    handmade = tmp_path / "shards" / "shard-000099.tar"
+    with webdataset.TarWriter(str(handmade)) as writer:  # one sample without audio, one with broken json
+        writer.write({"__key__": "a", "json": b'{"key": "noaudio", "txt": "x", "duration": 1.0}'})
+        writer.write({"__key__": "b", "json": b'{"key": ', "wav": (corpus.parent / "utt0.wav").read_bytes()})
+    shards.append(str(handmade))
+    skipped = []
+    keys = [k for b in keys_of(dataset(shards, epochs=1, on_error=skipped.append)) for k in b]
+    assert sorted(keys) == sorted(f"utt{i}" for i in range(14))
+    assert sorted((e["key"], e["reason"]) for e in skipped) == [
+        ("b", "malformed json"), ("damaged", "unreadable"), ("noaudio", "no audio")]
+    assert skipped[0]["where"].startswith(str(tmp_path / "shards"))
+    # for recognition they come out as errors: every utterance gets its line
+    items = [item for items, _ in dataset(shards, epochs=1, shuffle=False) for item in items]
+    assert {i["key"]: i["error"] for i in items if "error" in i} == {
+        "b": "malformed json", "damaged": "unreadable", "noaudio": "no audio"}
+
+
+def test_samples_of_other_tools_shards_are_read(tmp_path, corpus):
+    """WeNet-style shards: NAME.wav + NAME.txt, no json: the duration comes from the audio header."""
+    entry = sample_entry({"__key__": "x/abc", "wav": (corpus.parent / "utt3.wav").read_bytes(), "txt": b"hello\n"}, "s.tar")
+    assert (entry["key"], entry["txt"], entry["duration"]) == ("x/abc", "hello", 2.5)
+
+
+# ----------------------------------------------------------------------------------------
+# Object storage
+
+
+def test_reading_over_http_survives_connections_dropped_mid_shard(corpus, tmp_path):
+    shards = make_shards(corpus, tmp_path / "shards")
+    drops = {"shard-000001.tar": 2, "shard-000003.tar": 1}
+    server, url = serve(tmp_path / "shards", drops)
+    try:
+        remote = expand_shards(url + "/shard-{000000..000004}.tar")
+        assert [e["key"] for e in index_entries(remote, read_indexes(remote))] == [f"utt{i}" for i in range(14)]
+        local_batches = keys_of(dataset(shards, epochs=1))
+        assert keys_of(dataset(remote, epochs=1)) == local_batches
+        assert drops == {"shard-000001.tar": 0, "shard-000003.tar": 0}  # each dropped, then read again
+        with pytest.raises(InputError, match="cannot read the shard's index .*404"):
+            read_indexes([url + "/missing.tar"])
+    finally:
+        server.shutdown()
+
+
+def test_reading_from_an_s3_server(corpus, tmp_path, monkeypatch):
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    shards = make_shards(corpus, tmp_path / "shards")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for name, value in [("AWS_ENDPOINT_URL", f"http://{host}:{port}"), ("AWS_ACCESS_KEY_ID", "test"),
+                            ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1")]:
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="corpus")
+        for path in tmp_path.glob("shards/*"):
+            s3.upload_file(str(path), "corpus", f"train/{path.name}")
+        remote = expand_shards("s3://corpus/train/shard-{000000..000004}.tar")
+        assert keys_of(dataset(remote, epochs=1)) == keys_of(dataset(shards, epochs=1))
+    finally:
+        server.stop()
