@@ -209,3 +209,40 @@ def test_reading_from_an_s3_server(corpus, tmp_path, monkeypatch):
         assert keys_of(dataset(remote, epochs=1)) == keys_of(dataset(shards, epochs=1))
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------------------
+# train.py and recognize.py on shards
+
+
+def train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, data_path, output_dir, *extra):
+    return ["--llm_model_name_or_path", str(tiny_llm_dir), "--whisper_model_name_or_path", str(tiny_whisper_path),
+            "--projector_hidden", "64", "--data_path", data_path, "--output_dir", str(output_dir),
+            "--batch_seconds", "3", "--shuffle_buffer", "4", "--save_strategy", "steps", "--save_steps", "1",
+            "--report_to", "none", "--use_cpu", "True", "--dataloader_num_workers", "2", *extra]
+
+
+@pytest.mark.slow
+def test_training_on_shards_resumes_where_its_stream_stood(corpus, tmp_path, tiny_llm_dir, tiny_whisper_path, capsys):
+    import train
+
+    make_shards(corpus, tmp_path / "shards")
+    pattern = f"{tmp_path}/shards/shard-{{000000..000004}}.tar"
+    straight = train.main(train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, pattern, tmp_path / "straight",
+                                     "--max_steps", "3"))
+    assert straight.state.global_step == 3
+    positions = json.loads((tmp_path / "straight" / "checkpoint-3" / "data_positions_rank0.json").read_text())
+    assert positions["batches"] == 3 and positions["num_slots"] == 2
+
+    killed = tmp_path / "killed"
+    train.main(train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, pattern, killed, "--max_steps", "2"))
+    for final in ["model.safetensors", "speechllm_config.json"]:  # as if killed after checkpoint 2
+        (killed / final).unlink()
+    resumed = train.main(train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, pattern, killed, "--max_steps", "3"))
+    assert resumed.state.global_step == 3
+    assert json.loads((killed / "checkpoint-3" / "data_positions_rank0.json").read_text()) == positions
+
+    # without --max_steps: the steps of --num_train_epochs, estimated from the index
+    capsys.readouterr()
+    train.main(train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, pattern, tmp_path / "epochs", "--save_strategy", "no"))
+    assert "14 utterances in 5 shards; --max_steps" in capsys.readouterr().out
