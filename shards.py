@@ -376,13 +376,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
                  batch_size: int = 8, batch_seconds: float | None = None, batch_tokens: int | None = None,
                  length_grouped: bool = True, buffer_size: int = 1000, shuffle: bool = True, seed: int = 0,
                  epochs: int | None = None, rank: int = 0, world_size: int = 1, check=None, on_error=None,
-                 skip_keys: frozenset = frozenset(), chunk_seconds: float = 0.0, resume: dict | None = None):
+                 keys: set | None = None, chunk_seconds: float = 0.0, resume: dict | None = None):
         self.shards, self.n_mels, self.default_instruction, self.pad_to_30s = shards, n_mels, default_instruction, pad_to_30s
         self.batching = dict(batch_size=batch_size, batch_seconds=batch_seconds, batch_tokens=batch_tokens,
                              length_grouped=length_grouped)
         self.buffer_size, self.shuffle, self.seed, self.epochs = buffer_size, shuffle, seed, epochs
         self.rank, self.world_size = rank, world_size
-        self.check, self.on_error, self.skip_keys, self.chunk_seconds = check, on_error, skip_keys, chunk_seconds
+        self.check, self.on_error, self.keys, self.chunk_seconds = check, on_error, keys, chunk_seconds
         self.resume = resume or {}
 
     def slot_shards(self, epoch: int, slot: int, num_slots: int) -> list[str]:
@@ -437,7 +437,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}/{start['epoch']}/{slot}/{start['buffer']}") if self.shuffle else None
         good, errors = [], []
         for entry in buffer:
-            if entry["key"] in self.skip_keys:
+            if self.keys is not None and entry["key"] not in self.keys:  # e.g. decoded by an earlier run
                 continue
             for piece in [entry] if "reason" in entry else split_long(entry, self.chunk_seconds):
                 if "reason" not in piece and self.check is not None and (reason := self.check(piece)):

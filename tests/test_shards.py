@@ -246,3 +246,46 @@ def test_training_on_shards_resumes_where_its_stream_stood(corpus, tmp_path, tin
     capsys.readouterr()
     train.main(train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, pattern, tmp_path / "epochs", "--save_strategy", "no"))
     assert "14 utterances in 5 shards; --max_steps" in capsys.readouterr().out
+
+
+def recognize_traced(tmp_path, model_dir, data_path, result_path, crash_after_batches=0):
+    """recognize.py in a process of its own (tests/helpers/traced_recognize.py) -> (its output, keys decoded)."""
+    import subprocess
+    trace = tmp_path / "trace"
+    trace.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "helpers" / "traced_recognize.py"), "--model_dir", str(model_dir),
+         "--data_path", data_path, "--result_path", str(result_path), "--batch_size", "2", "--max_new_tokens", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TRACE_DIR=str(trace), CRASH_AFTER_BATCHES=str(crash_after_batches)))
+    assert result.returncode == (17 if crash_after_batches else 0), result.stderr[-3000:]
+    decoded = [key for line in open(trace / "rank0.jsonl") for key in json.loads(line)["keys"]]
+    (trace / "rank0.jsonl").unlink()
+    return result.stdout, decoded
+
+
+@pytest.mark.slow
+def test_recognition_over_shards_gives_every_utterance_one_line_in_input_order_and_resumes(
+        corpus, tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "model")
+    write_damaged_flac(corpus.parent / "damaged.flac")
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"key": "damaged", "wav": "damaged.flac"}) + "\n")
+    make_shards(corpus, tmp_path / "shards", "--audio", "original")
+    keys = [f"utt{i}" for i in range(14)] + ["damaged"]
+    pattern = f"{tmp_path}/shards/shard-{{000000..000004}}.tar"
+
+    straight = tmp_path / "straight.txt"
+    recognize_traced(tmp_path, tmp_path / "model", pattern, straight)
+    assert [line.split("\t")[0] for line in straight.read_text().splitlines()] == keys
+    assert (tmp_path / "straight.txt.errors").read_text() == "damaged\tunreadable\n"
+    from_jsonl = tmp_path / "from_jsonl.txt"  # the same texts as from the jsonl and its wav files
+    recognize_traced(tmp_path, tmp_path / "model", str(corpus), from_jsonl)
+    assert from_jsonl.read_text() == straight.read_text()
+
+    result = tmp_path / "result.txt"
+    _, before_kill = recognize_traced(tmp_path, tmp_path / "model", pattern, result, crash_after_batches=3)
+    out, after_kill = recognize_traced(tmp_path, tmp_path / "model", pattern, result)
+    assert sorted(before_kill + after_kill) == sorted(keys)  # nothing decoded twice
+    assert "were decoded by an earlier run (resumed)" in out
+    assert result.read_bytes() == straight.read_bytes()
