@@ -262,6 +262,16 @@ def read_indexes(shards: list[str]) -> list[dict]:
         return list(pool.map(read, shards))
 
 
+def index_summary(indexes: list[dict], max_sample: int = 20000) -> tuple[np.ndarray, list[dict]]:
+    """What training needs of the index: every duration (a float32 each: 4 MB for 10^6 utterances),
+    and {"duration", "txt"} of at most ~max_sample utterances spread over it (the token rate)."""
+    durations = np.concatenate([np.asarray(index["durations"], dtype=np.float32) for index in indexes] or [np.zeros(0)])
+    step = max(1, len(durations) // max_sample)
+    pairs = ((d, t) for index in indexes for d, t in zip(index["durations"], index["txts"]))
+    sample = [dict(duration=d, txt=t) for n, (d, t) in enumerate(pairs) if n % step == 0 and isinstance(t, str)]
+    return durations, sample
+
+
 def index_entries(shards: list[str], indexes: list[dict]) -> list[dict]:
     """The utterances of the shards in input order: {"key", "duration", "txt", "where"}. A key twice
     is an InputError (the results are one line per key)."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import PartialState
 import transformers.trainer
@@ -29,7 +28,7 @@ from data import (Collator, DurationBatchSampler, InputError, LengthGroupedSampl
 from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, transcript_token_rate
 from projectors import PROJECTOR_TYPES
 from shards import (ShardDataset, TrackedLoader, collate_with_position, estimate_batches, expand_shards,
-                    index_entries, is_shard_spec, read_indexes, write_json)
+                    index_summary, is_shard_spec, read_indexes, write_json)
 
 
 DEFAULT_CTC_DECODE_WEIGHT = 0.5  # measured on the real-speech dev, greedy: w 0 57.85, 0.3 48.77, 0.5 44.87 (README)
@@ -202,10 +201,9 @@ def shard_dataset(path: str, model, data_args: DataArguments, args: TrainingArgu
     """--data_path shards: the streamed dataset, the token rate from (a sample of) the index's transcripts,
     and --max_steps from the index's durations when it is not given (an iterable dataset has no length)."""
     shards = expand_shards(path)
-    entries = index_entries(shards, read_indexes(shards))
-    if not entries:
+    durations, sample = index_summary(read_indexes(shards))
+    if not len(durations):
         raise InputError(f"{path}: the shards hold no utterance")
-    sample = [e for e in entries[:: max(1, len(entries) // 20000)] if isinstance(e["txt"], str)]
     if not sample:
         raise InputError(f"{path}: no transcript in the shards' index")
     model.config.max_tokens_per_second, model.config.max_tokens_extra = training_token_rate(model, sample)
@@ -216,11 +214,11 @@ def shard_dataset(path: str, model, data_args: DataArguments, args: TrainingArgu
         check=partial(text_problem, model=model, max_audio_seconds=data_args.max_audio_seconds),
         on_error=partial(report_skip, skipped_log=skipped_log, strict=data_args.strict), resume=resume)
     if args.max_steps <= 0:
-        batches = estimate_batches(np.array([e["duration"] for e in entries]), data_args.shuffle_buffer,
+        batches = estimate_batches(durations, data_args.shuffle_buffer,
                                    args.per_device_train_batch_size, data_args.batch_seconds)
         args.max_steps = math.ceil(args.num_train_epochs * batches / args.world_size / args.gradient_accumulation_steps)
         if args.process_index == 0:
-            print(f"{path}: {len(entries)} utterances in {len(shards)} shards; --max_steps {args.max_steps} "
+            print(f"{path}: {len(durations)} utterances in {len(shards)} shards; --max_steps {args.max_steps} "
                   f"(about {args.num_train_epochs:g} epochs; give --max_steps to set it)", flush=True)
     return dataset
 
