@@ -12,7 +12,7 @@ def test_bench_data_smoke():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.stdout.splitlines()
             if line.startswith("| ") and not line.startswith(("| pipeline", "| data set"))]
-    assert [(r[0], r[1]) for r in rows[:6]] == [(name, w) for name in ["jsonl + wav files, local", "shards (FLAC), local",
-                                                                      "shards (FLAC), HTTP 127.0.0.1"] for w in "12"]
-    assert all(float(cell) > 0 for r in rows[:6] for cell in r[2:])
-    assert len(rows) == 8 and all(float(r[1]) >= 0 and float(r[2]) > 0 for r in rows[6:])
+    pipelines = ["jsonl + wav files, local", "shards (FLAC), local", "shards (WAV), local", "shards (FLAC), HTTP 127.0.0.1"]
+    assert [(r[0], r[1]) for r in rows[:8]] == [(name, w) for name in pipelines for w in "12"]
+    assert all(float(cell) > 0 for r in rows[:8] for cell in r[2:])
+    assert len(rows) == 10 and all(float(r[1]) >= 0 and float(r[2]) > 0 for r in rows[8:])

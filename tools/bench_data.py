@@ -131,16 +131,19 @@ def main(argv=None):
         jsonl = make_corpus(work / "clips", args.num_clips)
         entries = read_jsonl(jsonl)
         shards, _ = write_shards(entries, work / "shards", max_count=500, max_mb=256, audio_format="flac")
-        pattern = f"{work}/shards/shard-{{000000..{len(shards) - 1:06d}}}.tar"
-        print(f"{args.num_clips} clips, {len(shards)} FLAC shards written in {time.perf_counter() - start:.1f} s; "
-              f"torch threads {torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}")
+        write_shards(entries, work / "wav_shards", max_count=500, max_mb=256, audio_format="wav")
+        braces = f"shard-{{000000..{len(shards) - 1:06d}}}.tar"
+        pattern, wav_pattern = f"{work}/shards/{braces}", f"{work}/wav_shards/{braces}"
+        print(f"{args.num_clips} clips, {len(shards)} FLAC and {len(shards)} WAV shards written in "
+              f"{time.perf_counter() - start:.1f} s; torch threads {torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}")
         server, url = serve(work / "shards")
-        http_pattern = f"{url}/shard-{{000000..{len(shards) - 1:06d}}}.tar"
+        http_pattern = f"{url}/{braces}"
         print("\n| pipeline (one pass, --batch_seconds %g) | workers | utterances/s | audio s/s | first batch s |"
               % args.batch_seconds)
         print("|---|---|---|---|---|")
         for name, make in [("jsonl + wav files, local", lambda w: jsonl_loader(jsonl, w, args.batch_seconds)),
                            ("shards (FLAC), local", lambda w: shard_loader(pattern, w, args.batch_seconds)),
+                           ("shards (WAV), local", lambda w: shard_loader(wav_pattern, w, args.batch_seconds)),
                            ("shards (FLAC), HTTP 127.0.0.1", lambda w: shard_loader(http_pattern, w, args.batch_seconds))]:
             for workers in [1, 2]:
                 r = one_pass(lambda: make(workers))
