@@ -126,6 +126,19 @@ def write_shards(entries: list[dict], out_dir: Path, max_count: int, max_mb: flo
     return shards, skipped
 
 
+def index_shard(shard: str) -> dict:
+    """The index of a shard another tool wrote (WeNet's wav + txt members, any WebDataset shard):
+    every sample read once. A sample that cannot be used is listed too (duration 0): recognition
+    then reports its error in its line."""
+    index = dict(keys=[], durations=[], txts=[], offsets=[])
+    for offset, sample in read_samples(shard):
+        entry = sample_entry(sample, shard)
+        for field, value in [("keys", entry["key"]), ("durations", round(entry.get("duration", 0.0), 4)),
+                             ("txts", entry.get("txt")), ("offsets", offset)]:
+            index[field].append(value)
+    return index
+
+
 def write_json(path: Path, value):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")

@@ -200,6 +200,10 @@ def shard_dataset(path: str, model, data_args: DataArguments, args: TrainingArgu
                   resume: dict | None) -> ShardDataset:
     """--data_path shards: the streamed dataset, the token rate from (a sample of) the index's transcripts,
     and --max_steps from the index's durations when it is not given (an iterable dataset has no length)."""
+    num_slots = args.world_size * max(1, args.dataloader_num_workers)
+    if resume and resume["num_slots"] != num_slots and args.process_index == 0:
+        print(f"warning: the checkpoint's data positions are for {resume['num_slots']} readers (ranks x dataloader "
+              f"workers), this run has {num_slots}: the data stream starts from the beginning", file=sys.stderr)
     shards = expand_shards(path)
     durations, sample = index_summary(read_indexes(shards))
     if not len(durations):

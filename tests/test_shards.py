@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import prepare_data  # noqa: E402
 from data import InputError, load_audio, read_jsonl  # noqa: E402
-from shards import (ShardDataset, TrackedLoader, collate_with_position, expand_shards, index_entries,  # noqa: E402
-                    index_name, read_indexes, read_samples, sample_entry)
+from shards import (ShardDataset, TrackedLoader, expand_shards, index_entries, index_name, read_indexes,  # noqa: E402
+                    read_samples)
 
 DURATIONS = [0.5, 1.7, 0.8, 2.5, 1.1, 0.6, 2.0, 1.4, 0.9, 1.2, 3.0, 0.7, 1.9, 1.0]
 
@@ -164,10 +164,20 @@ def test_bad_samples_are_counted_and_skipped(tmp_path, corpus):
         "b": "malformed json", "damaged": "unreadable", "noaudio": "no audio"}
 
 
-def test_samples_of_other_tools_shards_are_read(tmp_path, corpus):
+def test_shards_of_other_tools_get_an_index_and_are_read(tmp_path, corpus):
     """WeNet-style shards: NAME.wav + NAME.txt, no json: the duration comes from the audio header."""
-    entry = sample_entry({"__key__": "x/abc", "wav": (corpus.parent / "utt3.wav").read_bytes(), "txt": b"hello\n"}, "s.tar")
-    assert (entry["key"], entry["txt"], entry["duration"]) == ("x/abc", "hello", 2.5)
+    shard = tmp_path / "wenet" / "part-0.tar"
+    shard.parent.mkdir()
+    with webdataset.TarWriter(str(shard)) as writer:
+        for i in [3, 0]:
+            writer.write({"__key__": f"spk1/u{i}", "wav": (corpus.parent / f"utt{i}.wav").read_bytes(),
+                          "txt": f"text {i}\n".encode()})
+    prepare_data.main(["index", f"{tmp_path}/wenet/*.tar"])
+    assert [(e["key"], e["duration"], e["txt"]) for e in index_entries([str(shard)], read_indexes([str(shard)]))] == [
+        ("spk1/u3", 2.5, "text 3"), ("spk1/u0", 0.5, "text 0")]
+    items = [item for items, _ in dataset([str(shard)], epochs=1) for item in items]
+    assert sorted((i["key"], i["txt"], i["mel"].shape[-1]) for i in items) == [("spk1/u0", "text 0", 50),
+                                                                                ("spk1/u3", "text 3", 250)]
 
 
 # ----------------------------------------------------------------------------------------

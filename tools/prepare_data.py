@@ -4,6 +4,7 @@
     python tools/prepare_data.py funasr IN.jsonl OUT.jsonl     # FunASR's ChatML jsonl -> ours
     python tools/prepare_data.py to-funasr IN.jsonl OUT.jsonl  # ours -> FunASR's ChatML jsonl
     python tools/prepare_data.py shard IN.jsonl OUT_DIR        # -> WebDataset tar shards + their index
+    python tools/prepare_data.py index 'DIR/*.tar'             # an index for shards another tool wrote
 
 kaldi: a Kaldi data dir. `wav.scp` lines are `RECORDING_ID PATH`: the first field is the id, the rest
 of the line the path, spaces and all. A piped command (`... |`) or an archive offset (`x.ark:123`) is
@@ -32,6 +33,9 @@ of at most --max_count utterances and about --max_mb MB each, audio stored as 16
 transcripts). Unusable audio is skipped (counted). --shuffle writes the lines in a random order: the
 reader's shuffle buffer mixes only what is near in a shard (README "Sharded data").
 
+index: the index beside each local shard another tool wrote (WebDataset; WeNet's `.wav` + `.txt`
+members): keys, durations (from `.json`, else the audio header), transcripts; each shard is read once.
+
 Malformed lines are an error naming file:line; what is converted and what is skipped (by reason) is
 printed. An existing OUT is never overwritten without --force.
 """
@@ -49,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import InputError, audio_problem, count_reasons, json_lines, read_jsonl  # noqa: E402
-from shards import AUDIO_FORMATS, write_shards  # noqa: E402
+from shards import AUDIO_FORMATS, expand_shards, index_name, index_shard, write_json, write_shards  # noqa: E402
 
 FUNASR_SYSTEM = "You are a helpful assistant."  # FunASR's fixed system turn
 FUNASR_SPEECH = re.compile(r"<\|startofspeech\|>!(.*?)<\|endofspeech\|>", re.DOTALL)
@@ -78,6 +82,9 @@ def parse_args(argv=None):
     shard.add_argument("--shuffle", action="store_true", help="write the utterances in a random order (training sets)")
     shard.add_argument("--seed", type=int, default=0)
     shard.add_argument("--force", action="store_true", help="replace the shards already in OUT")
+    index = sub.add_parser("index")
+    index.add_argument("source", help="local shards: a list, glob or brace pattern of .tar files")
+    index.add_argument("--force", action="store_true", help="replace indexes already there")
     args = p.parse_args(argv)
     if args.command == "shard" and not (args.max_count >= 1 and args.max_mb > 0):
         p.error("--max_count must be >= 1 and --max_mb > 0")
@@ -275,10 +282,21 @@ def shard(args):
         print(f"skipped {sum(skipped.values())}: {count_reasons(skipped.elements())}")
 
 
+def index(args):
+    """tools/prepare_data.py index: an index beside each shard that has none (or --force)."""
+    for path in expand_shards(args.source):
+        if os.path.exists(index_name(path)) and not args.force:
+            print(f"{index_name(path)} exists (--force replaces it)")
+            continue
+        written = index_shard(path)
+        write_json(Path(index_name(path)), written)
+        print(f"{path}: {len(written['keys'])} utterances, {sum(written['durations']):.1f} s")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.command == "shard":
-        return shard(args)
+    if args.command in ("shard", "index"):
+        return shard(args) if args.command == "shard" else index(args)
     source, out = Path(args.source), Path(args.out)
     if out.exists() and not args.force:
         raise InputError(f"{out} exists: pass --force to overwrite it")
