@@ -299,3 +299,30 @@ def test_recognition_over_shards_gives_every_utterance_one_line_in_input_order_a
     assert sorted(before_kill + after_kill) == sorted(keys)  # nothing decoded twice
     assert "were decoded by an earlier run (resumed)" in out
     assert result.read_bytes() == straight.read_bytes()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_on_their_own_shards(corpus, tmp_path, tiny_llm_dir, tiny_whisper_path):
+    """torchrun, 2 CPU ranks (DDP): each rank streams its own shards, so within an epoch the two ranks'
+    batches never share a clip, and each rank saves its own data positions. (--batch_seconds 1: one
+    clip a batch, so 4 steps stay within a rank's first epoch of 6 or 8 clips.)"""
+    import subprocess
+    make_shards(corpus, tmp_path / "shards", "--max_count", "2")  # 7 shards: 3 or 4 a rank
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "helpers" / "traced_train.py"),
+           *train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, f"{tmp_path}/shards/*.tar", tmp_path / "exp",
+                       "--max_steps", "4", "--save_steps", "4", "--dataloader_num_workers", "0", "--seed", "3",
+                       "--batch_seconds", "1")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TRACE_DIR=str(trace), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    batches = {rank: [json.loads(line)["batch"] for line in open(trace / f"rank{rank}.jsonl") if '"batch"' in line]
+               for rank in (0, 1)}
+    assert len(batches[0]) == len(batches[1]) == 4  # one batch per step on each rank
+    texts = [t for rank in (0, 1) for b in batches[rank] for t in b]
+    assert len(texts) == len(set(texts)) == 8  # no clip twice: the ranks read disjoint shards
+    for rank in (0, 1):
+        positions = json.loads((tmp_path / "exp" / "checkpoint-4" / f"data_positions_rank{rank}.json").read_text())
+        assert positions["num_slots"] == 2 and list(positions["positions"]) == [str(rank)]
