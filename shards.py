@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import sys
 import tarfile
 import time
 import urllib.error
@@ -200,7 +201,6 @@ class RetryingReader(io.RawIOBase):
     def __init__(self, url: str, offset: int = 0, retries: int = RETRIES):
         self.url, self.position, self.retries = url, offset, retries
         self.stream, self.end = None, None
-        self.reopened = 0  # how many times a connection was opened again (tests, logs)
 
     def readable(self):
         return True
@@ -221,8 +221,7 @@ class RetryingReader(io.RawIOBase):
                 self.close_stream()
                 if not retryable(e) or attempt == self.retries:
                     raise
-                self.reopened += 1
-                print(f"warning: {self.url}: {e}; reading again from byte {self.position}", flush=True)
+                print(f"warning: {self.url}: {e}; reading again from byte {self.position}", file=sys.stderr, flush=True)
                 time.sleep(0.5 * 2**attempt)
 
     def close_stream(self):
@@ -293,6 +292,8 @@ def index_entries(shards: list[str], indexes: list[dict]) -> list[dict]:
         for i, (key, duration, txt) in enumerate(zip(index["keys"], index["durations"], index["txts"])):
             if key in seen:
                 raise InputError(f"{shard}: duplicate key {key!r} (first in {seen[key]})")
+            if key.split() != [key]:
+                raise InputError(f"{shard}: key {key!r} is not one word (results are key<TAB>text lines)")
             seen[key] = shard
             entries.append(dict(key=key, duration=duration, txt=txt, where=f"{shard}:{i}"))
     return entries
@@ -310,12 +311,16 @@ def sample_entry(sample: dict, shard: str) -> dict:
     entry = dict(key=sample["__key__"], wav=shard, where=where)
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
-        if "txt" in sample:
+        if "txt" in sample and isinstance(meta, dict):
             meta.setdefault("txt", sample["txt"].decode("utf-8").strip())
     except ValueError:  # also UnicodeDecodeError
+        meta = None
+    if not isinstance(meta, dict):
         return dict(entry, reason="malformed json")
     entry |= {k: v for k, v in meta.items() if k in ("key", "txt", "instruction", "duration")}
     entry["key"] = str(entry["key"])
+    if not isinstance(entry.get("instruction"), (str, type(None))):
+        return dict(entry, reason="instruction not a string")
     audio = [value for extension, value in sample.items() if extension not in ("__key__", "json", "txt")]
     if len(audio) != 1:
         return dict(entry, reason="no audio" if not audio else "more than one audio member")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 import webdataset
 from conftest import ROOT, write_corpus
@@ -21,7 +20,7 @@ from helpers.range_server import serve
 sys.path.insert(0, str(ROOT / "tools"))
 
 import prepare_data  # noqa: E402
-from data import InputError, load_audio, read_jsonl  # noqa: E402
+from data import InputError, load_audio  # noqa: E402
 from shards import (ShardDataset, TrackedLoader, expand_shards, index_entries, index_name, read_indexes,  # noqa: E402
                     read_samples)
 

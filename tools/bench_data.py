@@ -94,7 +94,8 @@ def index_memory(folder: Path, num_entries: int, per_shard: int = 1000) -> list[
     rng = np.random.default_rng(0)
     with open(folder / "big.jsonl", "w") as f:
         for i in range(num_entries):
-            f.write(f'{{"key": "utt{i:08d}", "wav": "/data/corpus/wav/utt{i:08d}.wav", "txt": "a transcript of some eight words here"}}\n')
+            f.write(json.dumps({"key": f"utt{i:08d}", "wav": f"/data/corpus/wav/utt{i:08d}.wav",
+                                "txt": "a transcript of some eight words here"}) + "\n")
     shards = []
     for s in range(0, num_entries, per_shard):
         n = min(per_shard, num_entries - s)
