@@ -88,6 +88,19 @@ def test_shard_tool_by_size_original_bytes_segments_and_skips(corpus, tmp_path, 
     assert "flac" in by_key["seg"] and json.loads(by_key["seg"]["json"])["duration"] == 1.0  # a segment: cut
 
 
+def test_shard_tool_takes_a_kaldi_dir(corpus, tmp_path, monkeypatch):
+    """Through the Kaldi importer: a segment of a recording becomes a sample of its own, cut."""
+    monkeypatch.chdir(corpus.parent)
+    kaldi = tmp_path / "kaldi"
+    kaldi.mkdir()
+    (kaldi / "wav.scp").write_text("rec3 utt3.wav\nrec1 utt1.wav\n")
+    (kaldi / "segments").write_text("a rec3 0.5 1.5\nb rec1 0 -1\n")
+    (kaldi / "text").write_text("a first words\nb second words\n")
+    shards = make_shards(kaldi, tmp_path / "shards", "--from", "kaldi")
+    assert [(e["key"], e["duration"], e["txt"]) for e in index_entries(shards, read_indexes(shards))] == [
+        ("a", 1.0, "first words"), ("b", 1.7, "second words")]
+
+
 # ----------------------------------------------------------------------------------------
 # The streamed dataset
 
