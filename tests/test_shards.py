@@ -314,27 +314,30 @@ def test_recognition_over_shards_gives_every_utterance_one_line_in_input_order_a
 
 
 @pytest.mark.slow
-def test_two_ranks_train_on_their_own_shards(corpus, tmp_path, tiny_llm_dir, tiny_whisper_path):
-    """torchrun, 2 CPU ranks (DDP): each rank streams its own shards, so within an epoch the two ranks'
-    batches never share a clip, and each rank saves its own data positions. (--batch_seconds 1: one
-    clip a batch, so 4 steps stay within a rank's first epoch of 6 or 8 clips.)"""
-    import subprocess
+def test_two_ranks_train_on_their_own_shards_and_resume_bit_exactly(corpus, tmp_path, tiny_llm_dir, tiny_whisper_path):
+    """torchrun, 2 CPU ranks (DDP): each rank streams its own shards (no clip on both ranks within an
+    epoch), and a run killed at step 5 (checkpoint at 3) and started again ends with the weights of an
+    uninterrupted run, bit for bit. --batch_seconds 1: one clip a batch (two of 0.5 s), so that 3 steps
+    stay within a rank's first epoch of 6 or 8 clips."""
+    from safetensors.torch import load_file
+    from test_distributed import traced_torchrun
+
     make_shards(corpus, tmp_path / "shards", "--max_count", "2")  # 7 shards: 3 or 4 a rank
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "helpers" / "traced_train.py"),
-           *train_args(tmp_path, tiny_llm_dir, tiny_whisper_path, f"{tmp_path}/shards/*.tar", tmp_path / "exp",
-                       "--max_steps", "4", "--save_steps", "4", "--dataloader_num_workers", "0", "--seed", "3",
-                       "--batch_seconds", "1")]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, TRACE_DIR=str(trace), OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    batches = {rank: [json.loads(line)["batch"] for line in open(trace / f"rank{rank}.jsonl") if '"batch"' in line]
-               for rank in (0, 1)}
-    assert len(batches[0]) == len(batches[1]) == 4  # one batch per step on each rank
-    texts = [t for rank in (0, 1) for b in batches[rank] for t in b]
-    assert len(texts) == len(set(texts)) == 8  # no clip twice: the ranks read disjoint shards
+    args = (tmp_path, tiny_llm_dir, tiny_whisper_path, f"{tmp_path}/shards/*.tar",
+            ["--batch_seconds", "1", "--shuffle_buffer", "4"])
+    straight, trace, records = traced_torchrun(*args, name="straight", max_steps=6)
+    batches = {rank: [r["batch"] for r in records[rank] if "batch" in r] for rank in (0, 1)}
+    assert len(batches[0]) == len(batches[1]) == 6  # one batch per step on each rank
+    first_steps = [t for rank in (0, 1) for b in batches[rank][:3] for t in b]
+    assert len(first_steps) == len(set(first_steps))  # the ranks read disjoint shards
     for rank in (0, 1):
-        positions = json.loads((tmp_path / "exp" / "checkpoint-4" / f"data_positions_rank{rank}.json").read_text())
+        positions = json.loads((straight / "checkpoint-6" / f"data_positions_rank{rank}.json").read_text())
         assert positions["num_slots"] == 2 and list(positions["positions"]) == [str(rank)]
+
+    traced_torchrun(*args, name="crashed", max_steps=6, crash_at_step=5)
+    resumed, _, records = traced_torchrun(*args, name="crashed", max_steps=6)
+    after_crash = [r["batch"] for r in records[0][[i for i, r in enumerate(records[0]) if "crashed_at_step" in r][0] + 1:]
+                   if "batch" in r]
+    assert after_crash == batches[0][3:]  # from step 4 on: the very batches of the uninterrupted run
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
