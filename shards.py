@@ -261,27 +261,33 @@ def read_samples(shard: str, offset: int = 0):
             yield sample_offset, sample
 
 
-def read_indexes(shards: list[str]) -> list[dict]:
-    """Every shard's index (in threads: over a network each is a round trip). A shard without one is
-    an InputError: `tools/prepare_data.py shard` writes them."""
+def read_indexes(shards: list[str], keep=lambda index: index) -> list:
+    """keep(index) of every shard's index, read in threads (over a network each is a round trip); keep
+    runs as each arrives, so only what it keeps stays in memory. A shard without an index is an
+    InputError: `tools/prepare_data.py shard` writes them."""
     def read(shard):
         try:
-            return json.loads(read_url(index_name(shard)))
+            index = json.loads(read_url(index_name(shard)))
         except (OSError, ValueError) as e:
             raise InputError(f"{index_name(shard)}: cannot read the shard's index ({e}); "
                              "tools/prepare_data.py shard writes one beside each shard") from None
+        return keep(index)
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(read, shards))
 
 
-def index_summary(indexes: list[dict], max_sample: int = 20000) -> tuple[np.ndarray, list[dict]]:
+def index_summary(shards: list[str], max_sample: int = 20000) -> tuple[np.ndarray, list[dict]]:
     """What training needs of the index: every duration (a float32 each: 4 MB for 10^6 utterances),
-    and {"duration", "txt"} of at most ~max_sample utterances spread over it (the token rate)."""
-    durations = np.concatenate([np.asarray(index["durations"], dtype=np.float32) for index in indexes] or [np.zeros(0)])
-    step = max(1, len(durations) // max_sample)
-    pairs = ((d, t) for index in indexes for d, t in zip(index["durations"], index["txts"]))
-    sample = [dict(duration=d, txt=t) for n, (d, t) in enumerate(pairs) if n % step == 0 and isinstance(t, str)]
-    return durations, sample
+    and {"duration", "txt"} of about max_sample utterances spread over the shards (the token rate)."""
+    per_shard = max(1, max_sample // max(1, len(shards)))
+
+    def keep(index):
+        step = max(1, len(index["durations"]) // per_shard)
+        sample = [dict(duration=d, txt=t) for d, t in zip(index["durations"][::step], index["txts"][::step])
+                  if isinstance(t, str)]
+        return np.asarray(index["durations"], dtype=np.float32), sample
+    kept = read_indexes(shards, keep)
+    return np.concatenate([d for d, _ in kept] or [np.zeros(0, np.float32)]), [e for _, sample in kept for e in sample]
 
 
 def index_entries(shards: list[str], indexes: list[dict]) -> list[dict]:

@@ -28,7 +28,7 @@ from data import (Collator, DurationBatchSampler, InputError, LengthGroupedSampl
 from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, transcript_token_rate
 from projectors import PROJECTOR_TYPES
 from shards import (ShardDataset, TrackedLoader, collate_with_position, estimate_batches, expand_shards,
-                    index_summary, is_shard_spec, read_indexes, write_json)
+                    index_summary, is_shard_spec, write_json)
 
 
 DEFAULT_CTC_DECODE_WEIGHT = 0.5  # measured on the real-speech dev, greedy: w 0 57.85, 0.3 48.77, 0.5 44.87 (README)
@@ -205,7 +205,7 @@ def shard_dataset(path: str, model, data_args: DataArguments, args: TrainingArgu
         print(f"warning: the checkpoint's data positions are for {resume['num_slots']} readers (ranks x dataloader "
               f"workers), this run has {num_slots}: the data stream starts from the beginning", file=sys.stderr)
     shards = expand_shards(path)
-    durations, sample = index_summary(read_indexes(shards))
+    durations, sample = index_summary(shards)
     if not len(durations):
         raise InputError(f"{path}: the shards hold no utterance")
     if not sample:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from data import DurationBatchSampler, SpeechDataset, check_entries, read_jsonl  # noqa: E402
 from helpers.range_server import serve  # noqa: E402
-from shards import ShardDataset, expand_shards, index_summary, read_indexes, write_shards  # noqa: E402
+from shards import ShardDataset, expand_shards, index_summary, write_shards  # noqa: E402
 
 
 def synth_clip(seed: int, seconds: float) -> np.ndarray:
@@ -68,7 +68,7 @@ def jsonl_loader(jsonl: Path, workers: int, batch_seconds: float):
 def shard_loader(pattern: str, workers: int, batch_seconds: float):
     """train.py's pipeline for shards: the index (durations, steps), ShardDataset in the workers, one epoch."""
     shards = expand_shards(pattern)
-    index_summary(read_indexes(shards))
+    index_summary(shards)
     dataset = ShardDataset(shards, 80, "Transcribe.", batch_seconds=batch_seconds, epochs=1)
     return torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=mels_only, num_workers=workers)
 
@@ -106,7 +106,7 @@ def index_memory(folder: Path, num_entries: int, per_shard: int = 1000) -> list[
     rows = []
     for what, build in [(f"jsonl: read_jsonl, {num_entries} entries", lambda: read_jsonl(folder / "big.jsonl")),
                         (f"shards: {num_entries} durations + ShardDataset (index read as train.py does)",
-                         lambda: (index_summary(read_indexes(shards))[0], ShardDataset(shards, 80, "T")))]:
+                         lambda: (index_summary(shards)[0], ShardDataset(shards, 80, "T")))]:
         tracemalloc.start()
         kept = build()
         held, peak = tracemalloc.get_traced_memory()
