@@ -15,4 +15,4 @@ def test_bench_data_smoke():
     pipelines = ["jsonl + wav files, local", "shards (FLAC), local", "shards (WAV), local", "shards (FLAC), HTTP 127.0.0.1"]
     assert [(r[0], r[1]) for r in rows[:8]] == [(name, w) for name in pipelines for w in "12"]
     assert all(float(cell) > 0 for r in rows[:8] for cell in r[2:])
-    assert len(rows) == 10 and all(float(r[1]) >= 0 and float(r[2]) > 0 for r in rows[8:])
+    assert len(rows) == 10 and all(float(r[1]) >= 0 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows[8:])

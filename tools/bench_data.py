@@ -85,8 +85,8 @@ def one_pass(make_loader) -> dict:
     return dict(utterances=utterances, audio_seconds=audio_seconds, wall=time.perf_counter() - start, first=first)
 
 
-def index_memory(folder: Path, num_entries: int, per_shard: int = 1000) -> list[tuple[str, float, float]]:
-    """(what, MB held after, peak MB while building) for num_entries utterances: a jsonl's entries
+def index_memory(folder: Path, num_entries: int, per_shard: int = 1000) -> list[tuple[str, float, float, float]]:
+    """(what, MB held after, peak MB while building, seconds to build) for num_entries utterances: a jsonl's entries
     (what SpeechDataset holds) against what train.py keeps of the shards' index (the durations, for
     the step count) and the ShardDataset; the peak includes reading every index file. The index files
     are simulated (no tar is read)."""
@@ -107,12 +107,15 @@ def index_memory(folder: Path, num_entries: int, per_shard: int = 1000) -> list[
     for what, build in [(f"jsonl: read_jsonl, {num_entries} entries", lambda: read_jsonl(folder / "big.jsonl")),
                         (f"shards: {num_entries} durations + ShardDataset (index read as train.py does)",
                          lambda: (index_summary(shards)[0], ShardDataset(shards, 80, "T")))]:
+        start = time.perf_counter()
+        build()  # timed alone: tracemalloc slows allocation down
+        seconds = time.perf_counter() - start
         tracemalloc.start()
         kept = build()
         held, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         del kept
-        rows.append((what, held / 2**20, peak / 2**20))
+        rows.append((what, held / 2**20, peak / 2**20, seconds))
     return rows
 
 
@@ -152,10 +155,10 @@ def main(argv=None):
                 print(f"| {name} | {workers} | {r['utterances'] / r['wall']:.1f} | {r['audio_seconds'] / r['wall']:.1f} "
                       f"| {r['first']:.2f} |", flush=True)
         server.shutdown()
-        print("\n| data set object | MB held | peak MB while building |")
-        print("|---|---|---|")
-        for what, held, peak in index_memory(work / "index", args.index_entries):
-            print(f"| {what} | {held:.1f} | {peak:.1f} |", flush=True)
+        print("\n| data set object | MB held | peak MB while building | s to build |")
+        print("|---|---|---|---|")
+        for what, held, peak, seconds in index_memory(work / "index", args.index_entries):
+            print(f"| {what} | {held:.1f} | {peak:.1f} | {seconds:.2f} |", flush=True)
         print(f"\nload average at the end {os.getloadavg()[0]:.1f}; total {time.perf_counter() - start:.0f} s")
 
 
