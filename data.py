@@ -129,8 +129,9 @@ def load_entry_audio(entry: dict) -> np.ndarray:
 
 
 def load_audio(path, start: float | None = None, end: float | None = None) -> np.ndarray:
-    """Any soundfile-readable file (or its stretch start..end seconds) -> mono float32 at 16 kHz in [-1, 1]."""
-    if problem := path_problem(path):
+    """Any soundfile-readable file (or its stretch start..end seconds) -> mono float32 at 16 kHz in [-1, 1].
+    `path` may also be an open binary file (a shard's audio bytes in a BytesIO)."""
+    if isinstance(path, (str, os.PathLike)) and (problem := path_problem(path)):
         raise BadAudio(problem)
     try:  # a header that reads fine can still hide bad data
         with soundfile.SoundFile(path) as f:

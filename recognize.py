@@ -1,4 +1,5 @@
-"""Recognize a jsonl test set with a trained SpeechLLM into `key<TAB>text` lines (input order).
+"""Recognize a jsonl test set (or shards: README "Sharded data") with a trained SpeechLLM into
+`key<TAB>text` lines (input order).
 
     python recognize.py --model_dir exp/x --data_path test.jsonl --result_path result.txt \
         --batch_size 16 --num_beams 1
@@ -34,6 +35,7 @@ from data import (SAMPLE_RATE, BadAudio, Collator, InputError, SpeechDataset, ch
 from decoding import DecodingOptions, token_budget, transcripts
 from decoding import decode as decode_batch
 from model import CONFIG_NAME, SpeechLLM
+from shards import ShardDataset, collate_with_position, expand_shards, index_entries, is_shard_spec, read_indexes
 
 
 def positive_int(text: str) -> int:
@@ -54,7 +56,8 @@ def positive_float(text: str) -> float:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="a directory written by train.py / save_pretrained")
-    p.add_argument("--data_path", required=True, help='jsonl lines {"key", "wav"[, "txt"]}')
+    p.add_argument("--data_path", required=True, help='jsonl lines {"key", "wav"[, "txt"]}, or shards: .tar files, '
+                   'a comma-separated list, glob or {000..009} pattern, local or URLs')
     p.add_argument("--result_path", required=True)
     p.add_argument("--batch_size", type=positive_int, default=16)
     p.add_argument("--batch_seconds", type=positive_float, default=None,
@@ -241,16 +244,21 @@ class CollatorKeepingErrors:
         return [item["key"] for item in good], self.collate(good) if good else None, errors
 
 
-def decode(model, entries: list[dict], args, device: str, rank: int, world_size: int, partial: Path):
+def decode(model, entries: list[dict], args, device: str, rank: int, world_size: int, partial: Path,
+           shards: list[str] | None = None):
     """Decode this rank's share of `entries` (longest first), appending each batch's records to `partial`."""
-    # Longest first: batches of similar length waste little padding, and memory peaks at once. Whole
-    # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
-    entries = sorted(split_long_entries(entries, args.chunk_seconds), key=lambda e: -e["duration"])
-    dataset = SpeechDataset(entries, model.n_mels, model.config.instruction, model.config.pad_to_30s)
-    batches = decoding_batches(model, entries, args)[rank::world_size]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(model),
-                                         num_workers=1)
-    with open_partial(partial) as f, tqdm(total=sum(map(len, batches)), unit="utt", disable=rank != 0) as progress:
+    if shards:
+        loader, total = shard_batches(model, shards, {e["key"] for e in entries}, args, rank, world_size), None
+    else:
+        # Longest first: batches of similar length waste little padding, and memory peaks at once. Whole
+        # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
+        entries = sorted(split_long_entries(entries, args.chunk_seconds), key=lambda e: -e["duration"])
+        dataset = SpeechDataset(entries, model.n_mels, model.config.instruction, model.config.pad_to_30s)
+        batches = decoding_batches(model, entries, args)[rank::world_size]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(model),
+                                             num_workers=1)
+        total = sum(map(len, batches))
+    with open_partial(partial) as f, tqdm(total=total, unit="utt", disable=rank != 0) as progress:
         for keys, batch, errors in loader:
             records = []
             if batch is not None:
@@ -264,6 +272,27 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
             progress.update(len(keys) + len(errors))
 
 
+def shard_batches(model, shards: list[str], todo: set[str], args, rank: int, world_size: int):
+    """(keys, batch, errors) of this rank's shards (shards rank, rank + world_size, ...), streamed in
+    their order, grouped by duration within each buffer; only the utterances in `todo`."""
+    def count_tokens(entry):  # for --batch_tokens; never a reason to skip
+        entry["num_tokens"] = decoding_tokens(model, entry, args)
+
+    dataset = ShardDataset(shards, model.n_mels, model.config.instruction, model.config.pad_to_30s,
+                           batch_size=args.batch_size, batch_seconds=args.batch_seconds, batch_tokens=args.batch_tokens,
+                           shuffle=False, epochs=1, rank=rank, world_size=world_size, keys=todo,
+                           chunk_seconds=args.chunk_seconds, check=count_tokens)
+    collate = CollatorKeepingErrors(model)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1,
+                                         collate_fn=lambda batch: collate_with_position(collate, batch))
+    return (batch for batch, _ in loader)
+
+
+def decoding_tokens(model, entry: dict, args) -> int:
+    """The LLM sequence an utterance may grow to: its prompt with its audio tokens and its token budget."""
+    return sequence_length(entry, model, None) + token_budget(model.config, args.decoding, entry["duration"])
+
+
 def decoding_batches(model, entries: list[dict], args) -> list[list[int]]:
     """Consecutive indices of `entries` (longest first): --batch_size at a time, or with --batch_seconds
     as many as fit its padded seconds and --batch_tokens (the LLM sequence being the prompt with its
@@ -273,8 +302,7 @@ def decoding_batches(model, entries: list[dict], args) -> list[list[int]]:
     if not args.batch_seconds:
         return [list(range(i, min(i + args.batch_size, len(entries)))) for i in range(0, len(entries), args.batch_size)]
     seconds = [e["duration"] for e in entries]
-    tokens = [sequence_length(e, model, None) + token_budget(model.config, args.decoding, e["duration"])
-              for e in entries]
+    tokens = [decoding_tokens(model, e, args) for e in entries]
     max_tokens = args.batch_tokens or default_batch_tokens(seconds, tokens, args.batch_seconds)
     return pack_batches(list(range(len(entries))), seconds, tokens, args.batch_seconds, max_tokens)
 
@@ -304,7 +332,9 @@ def write_results(result_path: Path, entries: list[dict], problems: list[dict],
 
 def main(argv=None):
     args = parse_args(argv)
-    entries = read_jsonl(args.data_path)  # a malformed line stops the run before the model is loaded
+    # a malformed line (or a shard's missing index) stops the run before the model is loaded
+    shards = expand_shards(args.data_path) if is_shard_spec(args.data_path) else None
+    entries = index_entries(shards, read_indexes(shards)) if shards else read_jsonl(args.data_path)
     if not (Path(args.model_dir) / CONFIG_NAME).is_file():
         raise InputError(f"{args.model_dir}: not a model directory (no {CONFIG_NAME}; train.py writes one)")
     rank, world_size, device = setup_distributed(args.device)
@@ -315,7 +345,8 @@ def main(argv=None):
                                       merge_lora=not args.keep_lora_unmerged).to(device)
     if args.instruction:
         model.config.instruction = args.instruction
-    usable, problems = check_entries(entries, model, for_training=False)
+    # shards: the index holds the durations; unusable audio is reported as it is decoded
+    usable, problems = (entries, []) if shards else check_entries(entries, model, for_training=False)
 
     result_path = Path(args.result_path)
     done = read_partials(result_path)
@@ -324,7 +355,7 @@ def main(argv=None):
     barrier(world_size)  # every rank has read the same partials before any rank appends to them
     todo = [e for e in usable if e["key"] not in done]
     start = time.perf_counter()
-    decode(model, todo, args, device, rank, world_size, Path(f"{result_path}.partial{rank}"))
+    decode(model, todo, args, device, rank, world_size, Path(f"{result_path}.partial{rank}"), shards)
     barrier(world_size)  # every share is on disk
     elapsed = time.perf_counter() - start
     if rank != 0:

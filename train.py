@@ -6,6 +6,7 @@ optionally LoRA adapters on the LLM, the encoder's top blocks or the whole LLM.
         --deepspeed ds_config_zero3.json --bf16 True --activation_checkpointing
 """
 import json
+import math
 import os
 import shutil
 import socket
@@ -23,10 +24,12 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import get_last_checkpoint, seed_worker
 
 from data import (Collator, DurationBatchSampler, InputError, LengthGroupedSampler, SpeechDataset, check_entries,
-                  count_reasons, read_jsonl)
+                  count_reasons, read_jsonl, text_problem)
 from decoding import DecodingOptions, transcript_token_rate
 from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig
 from projectors import PROJECTOR_TYPES
+from shards import (ShardDataset, TrackedLoader, collate_with_position, estimate_batches, expand_shards,
+                    index_summary, is_shard_spec, write_json)
 
 
 DEFAULT_CTC_DECODE_WEIGHT = 0.5  # measured on the real-speech dev, greedy: w 0 57.85, 0.3 48.77, 0.5 44.87 (README)
@@ -75,7 +78,10 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": 'jsonl lines {"key", "wav", "txt"}'})
+    data_path: str = field(metadata={"help": 'jsonl lines {"key", "wav", "txt"}, or shards (README "Sharded data"): '
+                                             '.tar files, a comma-separated list, glob or {000..009} pattern, local or URLs'})
+    shuffle_buffer: int = field(default=1000, metadata={
+        "help": "shards: utterances per buffer, shuffled and cut into batches of similar duration"})
     eval_data_path: str | None = None
     length_grouped: bool = field(default=True, metadata={"help": "batches of similar duration (less padding)"})
     batch_seconds: float | None = field(default=None, metadata={
@@ -170,6 +176,14 @@ def print_skip_summary(skipped_log: Path):
               f"listed in {skipped_log}")
 
 
+def report_skip(entry: dict, skipped_log: Path, strict: bool):
+    """Audio found unusable while training (entry with its "reason"): logged and skipped, or with --strict an error."""
+    if strict:
+        raise InputError(f"{entry['where']}: {entry['wav']}: {entry['reason']}")
+    print(f"warning: skipped {entry['where']}: {entry['wav']}: {entry['reason']}", file=sys.stderr, flush=True)
+    log_skipped(skipped_log, [entry])
+
+
 class SkippingDataset(SpeechDataset):
     """Audio that passed the check pass can still fail to decode (corrupt data behind a good header):
     it is logged and the next utterance takes its place, so every rank still gets full batches (a rank
@@ -185,12 +199,43 @@ class SkippingDataset(SpeechDataset):
             item = super().__getitem__(j % len(self))
             if "error" not in item:
                 return item
-            entry = dict(self.entries[j % len(self)], reason=item["error"])
-            if self.strict:
-                raise InputError(f"{entry['where']}: {entry['wav']}: {entry['reason']}")
-            print(f"warning: skipped {entry['where']}: {entry['wav']}: {entry['reason']}", file=sys.stderr, flush=True)
-            log_skipped(self.skipped_log, [entry])
+            report_skip(dict(self.entries[j % len(self)], reason=item["error"]), self.skipped_log, self.strict)
         raise InputError("no audio file of the data set could be read")
+
+
+def data_positions_name(rank: int) -> str:
+    return f"data_positions_rank{rank}.json"
+
+
+def shard_dataset(path: str, model, data_args: DataArguments, args: TrainingArguments, skipped_log: Path,
+                  resume: dict | None) -> ShardDataset:
+    """--data_path shards: the streamed dataset, the token rate from (a sample of) the index's transcripts,
+    and --max_steps from the index's durations when it is not given (an iterable dataset has no length)."""
+    num_slots = args.world_size * max(1, args.dataloader_num_workers)
+    if resume and resume["num_slots"] != num_slots and args.process_index == 0:
+        print(f"warning: the checkpoint's data positions are for {resume['num_slots']} readers (ranks x dataloader "
+              f"workers), this run has {num_slots}: the data stream starts from the beginning", file=sys.stderr)
+    shards = expand_shards(path)
+    durations, sample = index_summary(shards)
+    if not len(durations):
+        raise InputError(f"{path}: the shards hold no utterance")
+    if not sample:
+        raise InputError(f"{path}: no transcript in the shards' index")
+    model.config.max_tokens_per_second, model.config.max_tokens_extra = training_token_rate(model, sample)
+    dataset = ShardDataset(
+        shards, model.n_mels, model.config.instruction, model.config.pad_to_30s, batch_size=args.per_device_train_batch_size,
+        batch_seconds=data_args.batch_seconds, batch_tokens=data_args.batch_tokens, length_grouped=data_args.length_grouped,
+        buffer_size=data_args.shuffle_buffer, seed=args.seed, rank=args.process_index, world_size=args.world_size,
+        check=partial(text_problem, model=model, max_audio_seconds=data_args.max_audio_seconds),
+        on_error=partial(report_skip, skipped_log=skipped_log, strict=data_args.strict), resume=resume)
+    if args.max_steps <= 0:
+        batches = estimate_batches(durations, data_args.shuffle_buffer,
+                                   args.per_device_train_batch_size, data_args.batch_seconds)
+        args.max_steps = math.ceil(args.num_train_epochs * batches / args.world_size / args.gradient_accumulation_steps)
+        if args.process_index == 0:
+            print(f"{path}: {len(durations)} utterances in {len(shards)} shards; --max_steps {args.max_steps} "
+                  f"(about {args.num_train_epochs:g} epochs; give --max_steps to set it)", flush=True)
+    return dataset
 
 
 def free_port() -> int:
@@ -203,8 +248,9 @@ class SpeechLLMTrainer(Trainer):
     """Trainer that samples length-grouped batches (a fixed size, or by duration) and saves only what trains."""
 
     def __init__(self, *args, train_durations=None, train_batch_sampler=None, cpu_bf16_autocast=False,
-                 encoder_learning_rate=None, **kwargs):
+                 encoder_learning_rate=None, data_resume=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.data_resume, self.tracked_loader = data_resume, None  # shards: where the data stream stands
         self.train_durations = train_durations  # None: the Trainer's own random sampler
         self.train_batch_sampler = train_batch_sampler  # a DurationBatchSampler: batches of varying size
         self.length_sampler = None
@@ -240,13 +286,23 @@ class SpeechLLMTrainer(Trainer):
         return self.length_sampler
 
     def get_train_dataloader(self):
+        args = self.args
+        if isinstance(self.train_dataset, ShardDataset):
+            # The dataset splits the shards over ranks and workers and batches itself: no sampler, and
+            # no accelerate wrapper (it would deal one stream's batches out to the ranks).
+            loader = torch.utils.data.DataLoader(
+                self.train_dataset, batch_size=None, collate_fn=partial(collate_with_position, self.data_collator),
+                num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor)
+            num_slots = args.world_size * max(1, args.dataloader_num_workers)
+            self.tracked_loader = TrackedLoader(loader, num_slots, self.data_resume)
+            return self.tracked_loader
         if self.train_batch_sampler is None:
             return super().get_train_dataloader()
         # Batches of varying size go to the DataLoader as its batch_sampler (the Trainer's own loader
         # only takes a sampler of indices). accelerate deals them to the ranks in turn; their count is a
         # multiple of the world size, so no rank waits for a batch and none is repeated.
         self.length_sampler = self.train_batch_sampler
-        args = self.args
         loader = torch.utils.data.DataLoader(
             self.train_dataset, batch_sampler=self.train_batch_sampler, collate_fn=self.data_collator,
             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
@@ -259,6 +315,12 @@ class SpeechLLMTrainer(Trainer):
         if self.length_sampler is not None:
             self.length_sampler.set_epoch(epoch)
         return super()._run_epoch(*args, epoch=epoch, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.tracked_loader is not None:  # each rank: where its slots' streams stand after this step
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            write_json(folder / data_positions_name(self.args.process_index), self.tracked_loader.state())
 
     def save_model(self, output_dir=None, _internal_call=False):
         output_dir = output_dir or self.args.output_dir
@@ -318,7 +380,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     rules = {"projector_kernel": ">= 1", "projector_hidden": ">= 1", "ctc_weight": ">= 0", "lora_rank": ">= 0",
              "lora_alpha": "> 0", "lora_dropout": ">= 0, < 1", "train_encoder_layers": ">= -1",
              "encoder_learning_rate": ">= 0", "pad_text_to": ">= 1", "max_audio_seconds": "> 0",
-             "batch_seconds": "> 0", "batch_tokens": ">= 1",
+             "batch_seconds": "> 0", "batch_tokens": ">= 1", "shuffle_buffer": ">= 1",
              # TrainingArguments takes any of these; our sampler and the Trainer's steps cannot
              "per_device_train_batch_size": ">= 1", "per_device_eval_batch_size": ">= 1",
              "gradient_accumulation_steps": ">= 1"}
@@ -381,7 +443,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
 
     prepare_output_dir(args, data_args.overwrite_output_dir)
     # format errors stop the run before any model is loaded
-    manifests = {path: read_jsonl(path) for path in [data_args.data_path, data_args.eval_data_path] if path}
+    if data_args.eval_data_path and is_shard_spec(data_args.eval_data_path):
+        raise InputError("--eval_data_path must be a jsonl (shards are for --data_path)")
+    manifests = {path: read_jsonl(path) for path in [data_args.data_path, data_args.eval_data_path]
+                 if path and not is_shard_spec(path)}
 
     set_seed(args.seed)  # the projector's initialization, like everything else, follows --seed
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -416,12 +481,22 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
         return SkippingDataset(entries, model.n_mels, config.instruction, config.pad_to_30s,
                                skipped_log=skipped_log, strict=data_args.strict)
 
-    train_dataset = dataset(data_args.data_path)
+    last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    data_resume = None
+    if is_shard_spec(data_args.data_path):  # streamed: the dataset batches itself
+        args.ignore_data_skip = True  # a resumed stream starts where it stood (data_resume), not by skipping batches
+        if last_checkpoint and (positions := Path(last_checkpoint) / data_positions_name(args.process_index)).exists():
+            data_resume = json.loads(positions.read_text())
+        train_dataset = shard_dataset(data_args.data_path, model, data_args, args, skipped_log, data_resume)
+    else:
+        train_dataset = dataset(data_args.data_path)
+        config.max_tokens_per_second, config.max_tokens_extra = training_token_rate(model, train_dataset.entries)
     eval_dataset = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
-    config.max_tokens_per_second, config.max_tokens_extra = training_token_rate(model, train_dataset.entries)
-    train_durations = [e["duration"] for e in train_dataset.entries] if data_args.length_grouped else None
+    train_durations = None
+    if data_args.length_grouped and not isinstance(train_dataset, ShardDataset):
+        train_durations = [e["duration"] for e in train_dataset.entries]
     train_batch_sampler = None
-    if data_args.batch_seconds:
+    if data_args.batch_seconds and train_durations is not None:
         train_batch_sampler = DurationBatchSampler(
             train_durations, [e["num_tokens"] for e in train_dataset.entries], data_args.batch_seconds,
             data_args.batch_tokens, num_replicas=args.world_size, seed=args.seed)
@@ -435,8 +510,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
         data_collator=Collator(model, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
         train_batch_sampler=train_batch_sampler,
         cpu_bf16_autocast=cpu_bf16_autocast_wanted(model_args.cpu_bf16_autocast),
-        encoder_learning_rate=model_args.encoder_learning_rate, callbacks=callbacks)
-    last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        encoder_learning_rate=model_args.encoder_learning_rate, data_resume=data_resume, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model(args.output_dir)
     if args.process_index == 0:

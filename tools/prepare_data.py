@@ -3,6 +3,8 @@
     python tools/prepare_data.py kaldi DATA_DIR OUT.jsonl      # wav.scp + text (+ segments, utt2spk)
     python tools/prepare_data.py funasr IN.jsonl OUT.jsonl     # FunASR's ChatML jsonl -> ours
     python tools/prepare_data.py to-funasr IN.jsonl OUT.jsonl  # ours -> FunASR's ChatML jsonl
+    python tools/prepare_data.py shard IN.jsonl OUT_DIR        # -> WebDataset tar shards + their index
+    python tools/prepare_data.py index 'DIR/*.tar'             # an index for shards another tool wrote
 
 kaldi: a Kaldi data dir. `wav.scp` lines are `RECORDING_ID PATH`: the first field is the id, the rest
 of the line the path, spaces and all. A piped command (`... |`) or an archive offset (`x.ark:123`) is
@@ -25,6 +27,15 @@ to-funasr: the other way, with FunASR's `speech_length` (fbank frames of 10 ms, 
 header) and `--instruction` as the prompt of lines without one of their own. Segments and lines
 without a transcript are skipped (counted): FunASR's lines have no start/end and train on a transcript.
 
+shard: our jsonl (or with --from, a Kaldi data dir or FunASR's jsonl) -> OUT_DIR/shard-000000.tar, ...
+of at most --max_count utterances and about --max_mb MB each, audio stored as 16 kHz 16-bit FLAC (or
+--audio wav, or the file's original bytes), each with shard-NNNNNN.index.json (keys, durations,
+transcripts). Unusable audio is skipped (counted). --shuffle writes the lines in a random order: the
+reader's shuffle buffer mixes only what is near in a shard (README "Sharded data").
+
+index: the index beside each local shard another tool wrote (WebDataset; WeNet's `.wav` + `.txt`
+members): keys, durations (from `.json`, else the audio header), transcripts; each shard is read once.
+
 Malformed lines are an error naming file:line; what is converted and what is skipped (by reason) is
 printed. An existing OUT is never overwritten without --force.
 """
@@ -32,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import sys
 from collections import Counter
@@ -41,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import InputError, audio_problem, count_reasons, json_lines, read_jsonl  # noqa: E402
+from shards import AUDIO_FORMATS, expand_shards, index_name, index_shard, write_json, write_shards  # noqa: E402
 
 FUNASR_SYSTEM = "You are a helpful assistant."  # FunASR's fixed system turn
 FUNASR_SPEECH = re.compile(r"<\|startofspeech\|>!(.*?)<\|endofspeech\|>", re.DOTALL)
@@ -58,7 +71,24 @@ def parse_args(argv=None):
         if name == "to-funasr":
             command.add_argument("--instruction", default=FUNASR_PROMPT,
                                  help="the prompt of lines without an instruction of their own")
-    return p.parse_args(argv)
+    shard = sub.add_parser("shard")
+    shard.add_argument("source", help="our jsonl (or with --from: a Kaldi data dir, FunASR's jsonl)")
+    shard.add_argument("out", help="the folder to write shard-000000.tar, ... into")
+    shard.add_argument("--from", dest="source_format", choices=["jsonl", "kaldi", "funasr"], default="jsonl")
+    shard.add_argument("--max_count", type=int, default=1000, help="utterances per shard at most")
+    shard.add_argument("--max_mb", type=float, default=256, help="a shard is closed once it holds this many MB")
+    shard.add_argument("--audio", choices=AUDIO_FORMATS, default="flac",
+                       help="flac / wav: 16 kHz mono 16-bit; original: the file's own bytes (a segment: FLAC)")
+    shard.add_argument("--shuffle", action="store_true", help="write the utterances in a random order (training sets)")
+    shard.add_argument("--seed", type=int, default=0)
+    shard.add_argument("--force", action="store_true", help="replace the shards already in OUT")
+    index = sub.add_parser("index")
+    index.add_argument("source", help="local shards: a list, glob or brace pattern of .tar files")
+    index.add_argument("--force", action="store_true", help="replace indexes already there")
+    args = p.parse_args(argv)
+    if args.command == "shard" and not (args.max_count >= 1 and args.max_mb > 0):
+        p.error("--max_count must be >= 1 and --max_mb > 0")
+    return args
 
 
 # ----------------------------------------------------------------------------------------
@@ -231,8 +261,42 @@ def write_jsonl(out: Path, lines: list[dict]):
     os.replace(tmp, out)
 
 
+def shard(args):
+    """tools/prepare_data.py shard: entries -> shards + their indexes."""
+    source, out = Path(args.source), Path(args.out)
+    old = sorted(out.glob("shard-*.tar")) + sorted(out.glob("shard-*.index.json"))
+    if old and not args.force:
+        raise InputError(f"{out} already holds shards: pass --force to replace them")
+    for path in old:
+        path.unlink()
+    entries = {"jsonl": lambda: (read_jsonl(source), Counter()), "kaldi": lambda: from_kaldi(source),
+               "funasr": lambda: from_funasr(source)}[args.source_format]()[0]
+    if args.shuffle:
+        random.Random(args.seed).shuffle(entries)
+    shards, skipped = write_shards(entries, out, args.max_count, args.max_mb, args.audio)
+    if not shards:
+        raise InputError(f"{source}: no usable utterance (skipped {count_reasons(skipped.elements())})")
+    print(f"{source}: wrote {len(entries) - sum(skipped.values())} "
+          f"utterances to {len(shards)} shards in {out} ({out}/shard-{{000000..{len(shards) - 1:06d}}}.tar)")
+    if skipped:
+        print(f"skipped {sum(skipped.values())}: {count_reasons(skipped.elements())}")
+
+
+def index(args):
+    """tools/prepare_data.py index: an index beside each shard that has none (or --force)."""
+    for path in expand_shards(args.source):
+        if os.path.exists(index_name(path)) and not args.force:
+            print(f"{index_name(path)} exists (--force replaces it)")
+            continue
+        written = index_shard(path)
+        write_json(Path(index_name(path)), written)
+        print(f"{path}: {len(written['keys'])} utterances, {sum(written['durations']):.1f} s")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.command in ("shard", "index"):
+        return shard(args) if args.command == "shard" else index(args)
     source, out = Path(args.source), Path(args.out)
     if out.exists() and not args.force:
         raise InputError(f"{out} exists: pass --force to overwrite it")
