@@ -45,6 +45,7 @@ class DecodingOptions:
     prefix_cache: bool = True  # the prompt's shared opening computed once, its KV cache reused
     word_timestamps: bool = False  # decode() also returns each utterance's words, timed by the CTC head
     hotwords: Hotwords | None = None  # a bonus for hypotheses that spell these phrases (hotwords.py)
+    ctc_fallback: float | None = None  # CTC's best path replaces a hypothesis this far from it (ctc_disagreement)
     generate_kwargs: dict = field(default_factory=dict)  # more keyword arguments for the LLM's generate()
 
     def __post_init__(self):
@@ -53,7 +54,8 @@ class DecodingOptions:
                     "ctc_decode_weight": (self.ctc_decode_weight, "in [0, 1) (CTC alone: decode ctc)",
                                           self.ctc_decode_weight is None or 0 <= self.ctc_decode_weight < 1),
                     "max_repeats": (self.max_repeats, ">= 0", self.max_repeats >= 0),
-                    "max_new_tokens": (self.max_new_tokens, ">= 1", self.max_new_tokens is None or self.max_new_tokens >= 1)}
+                    "max_new_tokens": (self.max_new_tokens, ">= 1", self.max_new_tokens is None or self.max_new_tokens >= 1),
+                    "ctc_fallback": (self.ctc_fallback, "> 0", self.ctc_fallback is None or self.ctc_fallback > 0)}
         for name, (value, rule, holds) in problems.items():
             if not holds:  # NaN fails every comparison, so it never holds
                 raise ValueError(f"{name} must be {rule}, got {value!r}")
@@ -85,12 +87,14 @@ def decode(model, batch: dict, options: DecodingOptions = DecodingOptions()):
     audio_embeds = model.encode_audio(batch["mel"], batch["mel_lengths"])  # (audio tokens in batch, llm_dim)
     inputs_embeds = model.splice(batch["input_ids"], audio_embeds, batch["audio_mask"])  # (B, L, llm_dim)
     wants_ctc = (options.decode == "ctc" or options.ctc_decode_weight > 0 or options.word_timestamps
-                 or (options.return_confidence and model.projector.ctc_blank is not None))
+                 or options.ctc_fallback is not None or (options.return_confidence and model.projector.ctc_blank is not None))
     head = ctc_head(model, audio_embeds, batch["audio_mask"]) if wants_ctc else None
     if options.decode == "ctc":
         ids = ctc_greedy_ids(head, model.prompt, batch["input_ids"].device)
     else:
         ids = llm_ids(model, batch, inputs_embeds, head, options)
+        if options.ctc_fallback is not None:
+            ids = ctc_fallback(model, ids, head, options.ctc_fallback)
     if not (options.return_confidence or options.word_timestamps):
         return ids
     llm_log_probs = hypothesis_log_probs(model.llm, inputs_embeds, batch["attention_mask"], ids, model.prompt.eos_token_ids)
@@ -265,6 +269,20 @@ def ctc_head(model, audio_embeds, audio_mask) -> CTCHead:
     padded = audio_embeds.new_zeros(len(num_frames), int(num_frames.max()), audio_embeds.shape[-1])  # (B, T, D)
     padded[torch.arange(padded.shape[1], device=padded.device) < num_frames[:, None]] = audio_embeds
     return CTCHead(padded, num_frames, model.llm.get_input_embeddings().weight, model.projector.ctc_blank)
+
+
+def ctc_fallback(model, ids: torch.Tensor, head: CTCHead, threshold: float) -> torch.Tensor:
+    """A hallucination guard: where the LLM's hypothesis is further than `threshold` from CTC's own best
+    path (token edit distance over that path's length, confidence()'s ctc_disagreement), CTC's path
+    replaces it. -> ids in the same format (B, L'), padded with the placeholder id."""
+    eos, best = model.prompt.eos_token_ids, head.greedy_ids()
+    rows = []
+    for u, row in enumerate(ids.tolist()):
+        hyp = list(itertools.takewhile(lambda token: token not in eos, row))
+        far = token_edit_distance(hyp, best[u]) / max(len(best[u]), 1) > threshold
+        rows.append(best[u] + eos[:1] if far else row)
+    width = max(map(len, rows))
+    return torch.tensor([r + [model.prompt.placeholder_id] * (width - len(r)) for r in rows], device=ids.device)
 
 
 def ctc_greedy_ids(head: CTCHead, prompt, device) -> torch.Tensor:

@@ -396,29 +396,39 @@ class SpeechLLM(nn.Module):
         return decode(self, batch, decoding_options(options, **kwargs))
 
     def transcribe(self, audio, options: DecodingOptions | None = None, batch_size: int = 8,
-                   instruction: str | None = None, chunk_seconds: float = 30.0, **kwargs) -> list[str]:
+                   instruction: str | None = None, chunk_seconds: float = 30.0, hotwords=None, **kwargs) -> list:
         """Notebook use: file paths or 16 kHz float arrays -> transcripts (in input order). Audio longer
         than chunk_seconds is decoded in pieces cut at pauses, as recognize.py does (0: in one piece).
-        options, kwargs: as for generate()."""
-        from data import Collator, load_audio, log_mel, long_audio_pieces
+        options, kwargs: as for generate(); word_timestamps=True: each result is {"text", "words"}, the
+        words (timestamps.Word) timed from the start of their audio. hotwords: phrases to favour
+        ("phrase" or "phrase weight", as recognize.py --hotwords reads them)."""
+        from data import SAMPLE_RATE, Collator, load_audio, log_mel, long_audio_pieces
+        from hotwords import Hotwords
 
         options = replace(decoding_options(options, **kwargs), return_confidence=False)
+        if hotwords:
+            options = replace(options, hotwords=Hotwords.from_lines(list(hotwords), self.tokenizer))
         items = audio if isinstance(audio, (list, tuple)) else [audio]
-        pieces = []  # (item index, samples)
+        pieces = []  # (item index, its start in seconds, samples)
         for index, item in enumerate(items):
             samples = load_audio(item) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.float32)
             spans = long_audio_pieces(samples, chunk_seconds) if chunk_seconds else [(0, len(samples))]
-            pieces += [(index, samples[a:b]) for a, b in spans]
+            pieces += [(index, a / SAMPLE_RATE, samples[a:b]) for a, b in spans]
         collate = Collator(self, inference=True)
-        texts = [[] for _ in items]
+        texts, words = [[] for _ in items], [[] for _ in items]
         for start in range(0, len(pieces), batch_size):
             chunk = pieces[start:start + batch_size]
             batch = [dict(mel=log_mel(samples, self.n_mels, self.config.pad_to_30s),
-                          instruction=instruction or self.config.instruction) for _, samples in chunk]
+                          instruction=instruction or self.config.instruction) for _, _, samples in chunk]
             inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate(batch).items()}
-            for (index, _), text in zip(chunk, transcripts(self, decode(self, inputs, options))):
+            out = decode(self, inputs, options)
+            ids, details = out if isinstance(out, tuple) else (out, [{}] * len(chunk))
+            for (index, offset, _), text, detail in zip(chunk, transcripts(self, ids), details):
                 texts[index].append(text)
-        return [" ".join(t for t in parts if t) for parts in texts]
+                words[index] += [replace(w, start=round(w.start + offset, 3), end=round(w.end + offset, 3))
+                                 for w in detail.get("words", [])]
+        texts = [" ".join(t for t in parts if t) for parts in texts]
+        return [dict(text=t, words=w) for t, w in zip(texts, words)] if options.word_timestamps else texts
 
     def save_pretrained(self, save_dir, state_dict: dict | None = None):
         """What trained (trainable_parameters, safetensors) and the config; the frozen parts come from

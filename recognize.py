@@ -18,10 +18,12 @@ with --ctc_decode_weight (default: the model's); --decode ctc for the CTC head a
 """
 import argparse
 import glob
+import itertools
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,8 +36,10 @@ from data import (SAMPLE_RATE, BadAudio, Collator, InputError, SpeechDataset, ch
                   default_batch_tokens, load_entry_audio, long_audio_pieces, pack_batches, read_jsonl, sequence_length)
 from decoding import DecodingOptions, token_budget, transcripts
 from decoding import decode as decode_batch
+from hotwords import Hotwords
 from model import CONFIG_NAME, SpeechLLM
 from shards import ShardDataset, collate_with_position, expand_shards, index_entries, is_shard_spec, read_indexes
+from timestamps import Word, ctm_lines, srt, subtitle_cues, vtt
 
 
 def positive_int(text: str) -> int:
@@ -80,6 +84,16 @@ def parse_args(argv=None):
     p.add_argument("--confidence", action="store_true",
                    help="also write <result_path>.confidence.jsonl: per utterance the LLM's mean token "
                         "log-prob and, with a CTC head, CTC's log-prob and disagreement (one more LLM pass)")
+    p.add_argument("--timestamps", action="store_true",
+                   help="also write <result_path>.ctm: every word's start, duration and confidence (Kaldi CTM), "
+                        "from the CTC head's alignment of the hypothesis")
+    p.add_argument("--subtitles", choices=["srt", "vtt"], default=None,
+                   help="also write a subtitle file per utterance into <result_path>.subtitles/")
+    p.add_argument("--hotwords", default=None,
+                   help='a file of phrases to favour, one a line ("phrase" or "phrase weight"; default weight 1.5)')
+    p.add_argument("--ctc_fallback", type=float, default=None,
+                   help="where the LLM's hypothesis is further than this from CTC's best path (token edit distance "
+                        "over that path's length), write CTC's instead (off by default)")
     p.add_argument("--chunk_seconds", type=float, default=30.0,
                    help="audio longer than this is decoded in pieces of at most this many seconds, cut at pauses, "
                         "and their texts joined (0: one prompt whatever the length)")
@@ -101,6 +115,8 @@ def parse_args(argv=None):
         p.error(f"--chunk_seconds must be 0 (off) or >= 1, got {args.chunk_seconds}")
     if args.batch_tokens and not args.batch_seconds:
         p.error("--batch_tokens caps --batch_seconds batches: give --batch_seconds too")
+    if args.decoding.word_timestamps and is_shard_spec(args.data_path):
+        p.error("--timestamps and --subtitles read jsonl input (not yet shards)")
     return args
 
 
@@ -108,7 +124,19 @@ def decoding_options(args) -> DecodingOptions:
     """The decoding flags, checked by DecodingOptions."""
     return DecodingOptions(num_beams=args.num_beams, decode=args.decode, ctc_decode_weight=args.ctc_decode_weight,
                            max_repeats=args.max_repeats, max_new_tokens=args.max_new_tokens,
-                           return_confidence=args.confidence)
+                           return_confidence=args.confidence, word_timestamps=args.timestamps or bool(args.subtitles),
+                           ctc_fallback=args.ctc_fallback)
+
+
+def read_hotwords(path: str, tokenizer) -> Hotwords:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the hotwords file ({e})")
+    try:
+        return Hotwords.from_lines(lines, tokenizer, where=path)
+    except ValueError as e:
+        raise InputError(str(e))
 
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
@@ -149,7 +177,7 @@ def read_partials(result_path: Path) -> dict[str, dict]:
             except json.JSONDecodeError:
                 continue
             kept = records.get(record["key"], {})
-            if "confidence" not in kept or "confidence" in record:  # a re-decode with confidence wins
+            if len(record) >= len(kept):  # a re-decode that also wrote confidence or words wins
                 records[record["key"]] = record
     return join_pieces(records)
 
@@ -201,6 +229,10 @@ def join_pieces(records: dict[str, dict]) -> dict[str, dict]:
         if all("confidence" in p for p in parts):
             joined[key]["confidence"] = {name: sum(p["confidence"][name] for p in parts) / n
                                          for name in parts[0]["confidence"]}
+        if all("words" in p for p in parts):  # each piece's word times from its own start: from the entry's
+            offsets = itertools.accumulate([0.0] + [p["seconds"] for p in parts])
+            joined[key]["words"] = [[text, round(start + offset, 3), round(end + offset, 3), *confidences]
+                                    for p, offset in zip(parts, offsets) for text, start, end, *confidences in p["words"]]
     return joined
 
 
@@ -253,6 +285,7 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
         # Longest first: batches of similar length waste little padding, and memory peaks at once. Whole
         # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
         entries = sorted(split_long_entries(entries, args.chunk_seconds), key=lambda e: -e["duration"])
+        seconds = {e["key"]: e["duration"] for e in entries}
         dataset = SpeechDataset(entries, model.n_mels, model.config.instruction, model.config.pad_to_30s)
         batches = decoding_batches(model, entries, args)[rank::world_size]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(model),
@@ -264,10 +297,15 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
             if batch is not None:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = decode_batch(model, batch, args.decoding)
-                ids, confidences = out if args.confidence else (out, [])
+                ids, details = out if isinstance(out, tuple) else (out, [{} for _ in keys])
                 records = [dict(key=k, text=one_line(t)) for k, t in zip(keys, transcripts(model, ids))]
-                for record, confidence in zip(records, confidences):
-                    record["confidence"] = confidence
+                for record, detail in zip(records, details):
+                    if words := detail.pop("words", None):
+                        record["words"] = [[w.text, w.start, w.end, round(w.ctc_confidence, 4), round(w.llm_confidence, 4)]
+                                           for w in words]
+                        record["seconds"] = seconds[record["key"]]  # where the next piece starts
+                    if detail:
+                        record["confidence"] = detail
             append_records(f, records + [dict(key=k, error=reason) for k, reason in errors.items()])
             progress.update(len(keys) + len(errors))
 
@@ -307,11 +345,12 @@ def decoding_batches(model, entries: list[dict], args) -> list[list[int]]:
     return pack_batches(list(range(len(entries))), seconds, tokens, args.batch_seconds, max_tokens)
 
 
-def write_results(result_path: Path, entries: list[dict], problems: list[dict],
-                  confidence: bool = False) -> tuple[dict, dict]:
+def write_results(result_path: Path, entries: list[dict], problems: list[dict], confidence: bool = False,
+                  timestamps: bool = False, subtitles: str | None = None) -> tuple[dict, dict]:
     """Merge every partial file and the check pass's problems into the result and errors files (input
-    order), and with `confidence` the confidence file (a line per decoded utterance), then delete the
-    partials. -> hyps, errors (keys -> text / reason)."""
+    order), and with `confidence` the confidence file (a line per decoded utterance), with `timestamps`
+    the CTM file (a line per word), with `subtitles` a subtitle file per decoded utterance, then delete
+    the partials. -> hyps, errors (keys -> text / reason)."""
     records = read_partials(result_path)
     hyps = {key: r["text"] for key, r in records.items() if "text" in r}
     errors = {p["key"]: p["reason"] for p in problems} | {key: r["error"] for key, r in records.items() if "error" in r}
@@ -325,6 +364,17 @@ def write_results(result_path: Path, entries: list[dict], problems: list[dict],
         write_atomically(Path(f"{result_path}.confidence.jsonl"), [
             json.dumps(dict(key=e["key"]) | records[e["key"]]["confidence"], ensure_ascii=False) + "\n"
             for e in entries if e["key"] in hyps])
+    words = {key: [Word(*w) for w in r["words"]] for key, r in records.items() if "words" in r}
+    if timestamps:
+        write_atomically(Path(f"{result_path}.ctm"), [line for e in entries if e["key"] in hyps
+                                                      for line in ctm_lines(e["key"], words[e["key"]])])
+    if subtitles:
+        folder = Path(f"{result_path}.subtitles")
+        folder.mkdir(exist_ok=True)
+        for e in entries:
+            if e["key"] in hyps:
+                cues = subtitle_cues(words[e["key"]])
+                write_atomically(folder / f"{e['key'].replace('/', '_')}.{subtitles}", [srt(cues) if subtitles == "srt" else vtt(cues)])
     for path in partial_paths(result_path):
         path.unlink()
     return {e["key"]: hyps.get(e["key"], "") for e in entries}, errors
@@ -345,13 +395,16 @@ def main(argv=None):
                                       merge_lora=not args.keep_lora_unmerged).to(device)
     if args.instruction:
         model.config.instruction = args.instruction
+    if args.hotwords:
+        args.decoding = replace(args.decoding, hotwords=read_hotwords(args.hotwords, model.tokenizer))
     # shards: the index holds the durations; unusable audio is reported as it is decoded
     usable, problems = (entries, []) if shards else check_entries(entries, model, for_training=False)
 
     result_path = Path(args.result_path)
     done = read_partials(result_path)
-    if args.confidence:  # utterances an earlier run decoded without confidence are decoded again
-        done = {key: r for key, r in done.items() if "confidence" in r or "error" in r}
+    # utterances an earlier run decoded without the confidence or words asked for now are decoded again
+    wanted = ["confidence"] * args.confidence + ["words"] * args.decoding.word_timestamps
+    done = {key: r for key, r in done.items() if "error" in r or all(name in r for name in wanted)}
     barrier(world_size)  # every rank has read the same partials before any rank appends to them
     todo = [e for e in usable if e["key"] not in done]
     start = time.perf_counter()
@@ -361,7 +414,7 @@ def main(argv=None):
     if rank != 0:
         return None
 
-    hyps, errors = write_results(result_path, entries, problems, args.confidence)
+    hyps, errors = write_results(result_path, entries, problems, args.confidence, args.timestamps, args.subtitles)
     audio_seconds = sum(e["duration"] for e in todo)
     print(f"{len(todo)} utterances, {audio_seconds:.1f} s of audio in {elapsed:.1f} s: "
           f"{len(todo) / elapsed:.2f} utt/s, RTF {elapsed / max(audio_seconds, 1e-9):.4f}")
