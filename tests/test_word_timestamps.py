@@ -3,28 +3,16 @@ the tiny random models: files well formed and in input order, long recordings in
 resumable, batched as one by one."""
 import json
 import re
-from dataclasses import replace
 
-import numpy as np
 import pytest
 import soundfile
 import torch
 from conftest import synth_audio
-from test_model import loud_projector, make_batch
+from test_decoding import ctc_model  # noqa: F401 (a fixture)
+from test_model import make_batch
 
 import recognize
-from decoding import decode
-from model import SpeechLLM
-
-
-@pytest.fixture()
-def ctc_model(tiny_config):
-    torch.manual_seed(0)
-    model = SpeechLLM(replace(tiny_config, ctc_weight=1.0))
-    loud_projector(model)
-    with torch.no_grad():
-        model.projector.ctc_blank.normal_(std=3.0)
-    return model
+from decoding import DecodingOptions, decode
 
 
 def write_recordings(folder):
@@ -102,19 +90,14 @@ def test_transcribe_words_batched_as_one_by_one_and_need_a_ctc_head(ctc_model, t
 
 def test_ctc_fallback_writes_ctcs_path_where_the_llm_strays_from_it(ctc_model):
     batch = make_batch(ctc_model, [1.0, 2.0, 1.5], inference=True)
-    llm = decode(ctc_model, batch, replace_options(ctc_decode_weight=0.0, max_new_tokens=6))
-    ctc = decode(ctc_model, batch, replace_options(decode="ctc"))
-    strict = decode(ctc_model, batch, replace_options(ctc_decode_weight=0.0, max_new_tokens=6, ctc_fallback=1e-9))
-    lenient = decode(ctc_model, batch, replace_options(ctc_decode_weight=0.0, max_new_tokens=6, ctc_fallback=1e9))
+    llm = decode(ctc_model, batch, DecodingOptions(ctc_decode_weight=0.0, max_new_tokens=6))
+    ctc = decode(ctc_model, batch, DecodingOptions(decode="ctc"))
+    strict = decode(ctc_model, batch, DecodingOptions(ctc_decode_weight=0.0, max_new_tokens=6, ctc_fallback=1e-9))
+    lenient = decode(ctc_model, batch, DecodingOptions(ctc_decode_weight=0.0, max_new_tokens=6, ctc_fallback=1e9))
     texts = lambda ids: ctc_model.tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
     assert texts(llm) != texts(ctc)  # a random LLM and its CTC head disagree
     assert [t.replace("<|im_end|>", "") for t in texts(strict)] == [t.replace("<|im_end|>", "") for t in texts(ctc)]
     assert torch.equal(lenient, llm)
-
-
-def replace_options(**fields):
-    from decoding import DecodingOptions
-    return DecodingOptions(**fields)
 
 
 def test_recognize_reads_hotwords_and_names_a_bad_line(ctc_model, tmp_path, capsys):
