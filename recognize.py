@@ -1,4 +1,4 @@
-"""Recognize a jsonl test set (or shards: README "Sharded data") with a trained SpeechLLM into
+"""Recognize a jsonl test set (or shards: docs/shards.md) with a trained SpeechLLM into
 `key<TAB>text` lines (input order).
 
     python recognize.py --model_dir exp/x --data_path test.jsonl --result_path result.txt \

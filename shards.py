@@ -1,4 +1,4 @@
-"""Sharded data (README "Sharded data"): WebDataset tar shards written from jsonl entries, the index
+"""Sharded data (docs/shards.md): WebDataset tar shards written from jsonl entries, the index
 beside each shard, reading them locally or over HTTP(S) / S3 with retries, and the iterable dataset
 that train.py and recognize.py stream them with.
 

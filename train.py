@@ -32,7 +32,7 @@ from shards import (ShardDataset, TrackedLoader, collate_with_position, estimate
                     index_summary, is_shard_spec, write_json)
 
 
-DEFAULT_CTC_DECODE_WEIGHT = 0.5  # measured on the real-speech dev, greedy: w 0 57.85, 0.3 48.77, 0.5 44.87 (README)
+DEFAULT_CTC_DECODE_WEIGHT = 0.5  # measured on the real-speech dev, greedy: w 0 57.85, 0.3 48.77, 0.5 44.87 (recipes/game_speech/README.md)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": 'jsonl lines {"key", "wav", "txt"}, or shards (README "Sharded data"): '
+    data_path: str = field(metadata={"help": 'jsonl lines {"key", "wav", "txt"}, or shards (docs/shards.md): '
                                              '.tar files, a comma-separated list, glob or {000..009} pattern, local or URLs'})
     shuffle_buffer: int = field(default=1000, metadata={
         "help": "shards: utterances per buffer, shuffled and cut into batches of similar duration"})

@@ -1,4 +1,4 @@
-"""The data pipeline alone (README "Sharded data"): jsonl + wav files against shards, local and over a
+"""The data pipeline alone (docs/shards.md): jsonl + wav files against shards, local and over a
 real HTTP server on 127.0.0.1, with 1 and 2 DataLoader workers, on synthetic clips; and the memory an
 index of 10^6 utterances costs against a jsonl of 10^6 lines.
 

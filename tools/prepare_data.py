@@ -1,4 +1,4 @@
-"""Convert the data formats users already have into our jsonl (README "Data"), and ours into FunASR's.
+"""Convert the data formats users already have into our jsonl (docs/data.md), and ours into FunASR's.
 
     python tools/prepare_data.py kaldi DATA_DIR OUT.jsonl      # wav.scp + text (+ segments, utt2spk)
     python tools/prepare_data.py funasr IN.jsonl OUT.jsonl     # FunASR's ChatML jsonl -> ours
@@ -31,7 +31,7 @@ shard: our jsonl (or with --from, a Kaldi data dir or FunASR's jsonl) -> OUT_DIR
 of at most --max_count utterances and about --max_mb MB each, audio stored as 16 kHz 16-bit FLAC (or
 --audio wav, or the file's original bytes), each with shard-NNNNNN.index.json (keys, durations,
 transcripts). Unusable audio is skipped (counted). --shuffle writes the lines in a random order: the
-reader's shuffle buffer mixes only what is near in a shard (README "Sharded data").
+reader's shuffle buffer mixes only what is near in a shard (docs/shards.md).
 
 index: the index beside each local shard another tool wrote (WebDataset; WeNet's `.wav` + `.txt`
 members): keys, durations (from `.json`, else the audio header), transcripts; each shard is read once.
