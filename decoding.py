@@ -22,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from audio import MEL_FRAMES_PER_SECOND
 from hotwords import HotwordBonus, Hotwords
 from prompt import move_padding_after_prefix, shared_prefix_length
 from timestamps import Word, aligned_log_probs, ctc_forced_align, words_from_tokens
 
-MEL_FRAMES_PER_SECOND = 100  # Whisper's log-mel hop: 10 ms
 
 
 # ----------------------------------------------------------------------------------------

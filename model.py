@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from audio import spec_augment
 from decoding import CTCLogits, DecodingOptions, decode, decoding_options, transcripts
 from loading import dequantize_int8, load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
 from projectors import PROJECTOR_TYPES
@@ -78,27 +79,6 @@ def _masked_self_attention(attn, x, attn_mask):
     q, k, v = (proj(x).view(B, T, H, D // H).transpose(1, 2) for proj in (attn.query, attn.key, attn.value))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, D/H)
     return attn.out(out.transpose(1, 2).reshape(B, T, D))
-
-
-def spec_augment(mel: torch.Tensor, mel_lengths: torch.Tensor, freq_masks: int = 2, max_freq_width: float = 0.15,
-                 max_time_width: int = 40, seconds_per_time_mask: float = 2.5) -> torch.Tensor:
-    """SpecAugment (Park et al., 2019) on a batch of log-mels, training only: bands of mel bins and
-    spans of frames set to the utterance's mean. Time masks scale with each utterance's length (one
-    per 2.5 s, at most 0.4 s and a tenth of the utterance each), so a 1 s clip is not wiped out and a
-    30 s one is masked as densely. mel: (B, n_mels, T) -> the same, masked."""
-    mel = mel.clone()
-    n_mels = mel.shape[1]
-    for i, length in enumerate(mel_lengths.tolist()):
-        fill = mel[i, :, :length].mean()
-        for _ in range(freq_masks):
-            width = int(torch.randint(0, int(max_freq_width * n_mels) + 1, (), device="cpu"))
-            start = int(torch.randint(0, n_mels - width + 1, (), device="cpu"))
-            mel[i, start:start + width, :length] = fill
-        for _ in range(max(1, round(length / 100 / seconds_per_time_mask))):
-            width = int(torch.randint(0, min(max_time_width, length // 10) + 1, (), device="cpu"))
-            start = int(torch.randint(0, length - width + 1, (), device="cpu"))
-            mel[i, :, start:start + width] = fill
-    return mel
 
 
 # ----------------------------------------------------------------------------------------
@@ -402,7 +382,8 @@ class SpeechLLM(nn.Module):
         options, kwargs: as for generate(); word_timestamps=True: each result is {"text", "words"}, the
         words (timestamps.Word) timed from the start of their audio. hotwords: phrases to favour
         ("phrase" or "phrase weight", as recognize.py --hotwords reads them)."""
-        from data import SAMPLE_RATE, Collator, load_audio, log_mel, long_audio_pieces
+        from audio import SAMPLE_RATE, load_audio, log_mel, long_audio_pieces
+        from data import Collator
         from hotwords import Hotwords
 
         options = replace(decoding_options(options, **kwargs), return_confidence=False)

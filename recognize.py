@@ -32,8 +32,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from compute_wer import format_report, score
-from data import (SAMPLE_RATE, BadAudio, Collator, InputError, SpeechDataset, check_entries, count_reasons,
-                  default_batch_tokens, load_entry_audio, long_audio_pieces, pack_batches, read_jsonl, sequence_length)
+from audio import SAMPLE_RATE, BadAudio, load_entry_audio, long_audio_pieces
+from data import Collator, InputError, SpeechDataset, check_entries, count_reasons, default_batch_tokens, pack_batches, read_jsonl, sequence_length
 from decoding import DecodingOptions, token_budget, transcripts
 from decoding import decode as decode_batch
 from hotwords import Hotwords

@@ -31,8 +31,8 @@ import soundfile
 import torch
 import webdataset
 
-from data import (SAMPLE_RATE, BadAudio, InputError, audio_problem, default_batch_tokens, load_audio,
-                  load_entry_audio, log_mel, long_audio_pieces, pack_batches)
+from audio import SAMPLE_RATE, BadAudio, audio_problem, load_audio, load_entry_audio, log_mel, long_audio_pieces
+from data import InputError, default_batch_tokens, pack_batches
 
 AUDIO_FORMATS = ("flac", "wav", "original")
 RETRIES = 5  # tries in a row after a failed read, waiting 0.5, 1, 2, 4, 8 s

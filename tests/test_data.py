@@ -7,7 +7,8 @@ import soundfile
 import torch
 from conftest import synth_audio
 
-from data import Collator, DurationBatchSampler, LengthGroupedSampler, load_audio, log_mel, pack_batches, read_jsonl
+from audio import load_audio, log_mel
+from data import Collator, DurationBatchSampler, LengthGroupedSampler, pack_batches, read_jsonl
 
 
 def test_read_jsonl_resolves_paths_and_keys(tmp_path):

@@ -326,7 +326,8 @@ def test_recognize_writes_confidence_and_decodes_with_ctc(ctc_model, tmp_path):
     assert [x["key"] for x in lines] == ["utt0", "utt1", "utt2"]
 
     model = SpeechLLM.from_pretrained(tmp_path / "model")
-    from data import Collator, load_audio, log_mel
+    from audio import load_audio, log_mel
+    from data import Collator
     items = [dict(mel=log_mel(load_audio(str(tmp_path / "data" / f"utt{i}.wav")), 80), instruction=model.config.instruction)
              for i in range(3)]
     ids, confidence = model.generate(**Collator(model, inference=True)(items), max_new_tokens=6, ctc_decode_weight=0.3,
@@ -361,7 +362,8 @@ def test_recognize_batch_seconds_decodes_as_batch_size_and_a_segment_as_its_cut_
 
     import recognize
     from conftest import write_corpus
-    from data import check_entries, load_audio, read_jsonl
+    from audio import load_audio
+    from data import check_entries, read_jsonl
 
     ctc_model.save_pretrained(tmp_path / "model")
     jsonl = write_corpus(tmp_path / "data", list("abcdef"), [0.6, 3.0, 1.0, 2.0, 0.8, 1.4])
@@ -391,7 +393,7 @@ def test_long_audio_pieces_cover_it_and_cut_at_pauses():
     import numpy as np
 
     from conftest import synth_audio
-    from data import long_audio_pieces
+    from audio import long_audio_pieces
 
     audio = synth_audio(0, 70.0)
     for pause in (22.0, 47.0):  # 200 ms of silence: where the cuts should go
@@ -417,7 +419,7 @@ def test_recognize_decodes_a_long_recording_in_pieces_joined_in_order(ctc_model,
 
     import recognize
     from conftest import synth_audio
-    from data import long_audio_pieces
+    from audio import long_audio_pieces
 
     ctc_model.save_pretrained(tmp_path / "model")
     audio = synth_audio(3, 50.0)

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, event, example, given, reject, settings, str
 import recognize
 import train
 from compute_wer import read_hypotheses
-from data import (BadAudio, Collator, InputError, SpeechDataset, audio_problem, check_entries, count_reasons,
-                  load_audio, log_mel, num_mel_frames, read_jsonl)
+from audio import BadAudio, audio_problem, load_audio, log_mel
+from data import Collator, InputError, SpeechDataset, check_entries, count_reasons, num_mel_frames, read_jsonl
 from model import SpeechLLM
 
 

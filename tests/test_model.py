@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import synth_audio
 
-from data import Collator, log_mel
+from audio import log_mel
+from data import Collator
 from decoding import transcripts
 from model import N_FRAMES_30S, SpeechLLM, merge_audio_embeds, num_audio_tokens, whisper_encode
 

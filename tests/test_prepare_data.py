@@ -13,7 +13,8 @@ from conftest import ROOT, synth_audio
 sys.path.insert(0, str(ROOT / "tools"))
 
 import prepare_data  # noqa: E402
-from data import InputError, SpeechDataset, check_entries, load_audio, load_entry_audio, log_mel, read_jsonl  # noqa: E402
+from audio import load_audio, load_entry_audio, log_mel  # noqa: E402
+from data import InputError, SpeechDataset, check_entries, read_jsonl  # noqa: E402
 
 
 def write(path, text: str):

@@ -9,7 +9,7 @@ import torch
 from conftest import synth_audio
 from test_model import make_batch
 
-from data import log_mel
+from audio import log_mel
 from model import N_FRAMES_30S, SpeechLLM, SpeechLLMConfig
 from projectors import PROJECTOR_TYPES
 

@@ -9,7 +9,7 @@ import whisper.normalizers
 
 import loading as model_module
 from conftest import require_bundled
-from data import load_audio
+from audio import load_audio
 from loading import load_llm, load_whisper, resolve_bundled
 
 CLIP = Path(__file__).parent / "data" / "quick_brown_fox_kal16.wav"  # flite kal16

@@ -19,7 +19,8 @@ from transformers import TrainingArguments
 
 import recognize
 import train
-from data import Collator, InputError, check_entries, load_audio, log_mel, read_jsonl
+from audio import load_audio, log_mel
+from data import Collator, InputError, check_entries, read_jsonl
 from model import N_FRAMES_30S, SpeechLLM, load_llm, load_whisper
 
 

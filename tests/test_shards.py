@@ -21,7 +21,8 @@ from helpers.range_server import serve
 sys.path.insert(0, str(ROOT / "tools"))
 
 import prepare_data  # noqa: E402
-from data import InputError, load_audio  # noqa: E402
+from audio import load_audio  # noqa: E402
+from data import InputError  # noqa: E402
 from shards import (ShardDataset, TrackedLoader, expand_shards, index_entries, index_name, read_indexes,  # noqa: E402
                     read_samples)
 

@@ -191,7 +191,7 @@ def test_bf16_weights_forward_backward_generate(tiny_config, setting, device):
 
 
 def test_spec_augment_masks_only_in_training_and_within_each_utterance(tiny_config):
-    from model import spec_augment
+    from audio import spec_augment
 
     torch.manual_seed(0)
     mel, lengths = torch.randn(3, 80, 3000), torch.tensor([3000, 120, 60])

@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from compute_wer import score  # noqa: E402
-from data import (SAMPLE_RATE, Collator, DurationBatchSampler, LengthGroupedSampler, load_entry_audio, log_mel,  # noqa: E402
-                  read_jsonl, sequence_length)
+from audio import SAMPLE_RATE, load_entry_audio, log_mel  # noqa: E402
+from data import Collator, DurationBatchSampler, LengthGroupedSampler, read_jsonl, sequence_length  # noqa: E402
 from decoding import max_transcript_tokens  # noqa: E402
 from model import CONFIG_NAME, SpeechLLM, SpeechLLMConfig, load_whisper  # noqa: E402
 from whisper_baseline import whisper_transcribe  # noqa: E402  (tools/, this file's folder)

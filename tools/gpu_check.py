@@ -41,6 +41,8 @@ import soundfile  # noqa: E402
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from audio import MEL_FRAMES_PER_SECOND  # noqa: E402
+
 # Whisper large-v3's encoder; the text-decoder dims only make a valid checkpoint (never used)
 WHISPER_DIMS = dict(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
                     n_vocab=51866, n_text_ctx=8, n_text_state=64, n_text_head=1, n_text_layer=1)
@@ -224,7 +226,7 @@ class StepMeter(TrainerCallback):
         self.start_step = state.global_step  # > 0: resumed from a checkpoint
         def count(module, _, inputs):
             if module.training:
-                self.batches.append((len(inputs["mel_lengths"]), inputs["mel_lengths"].sum().item() / 100,
+                self.batches.append((len(inputs["mel_lengths"]), inputs["mel_lengths"].sum().item() / MEL_FRAMES_PER_SECOND,
                                      int(inputs["attention_mask"].sum()),
                                      training_flops(module, inputs["mel_lengths"], inputs["attention_mask"], inputs["labels"])))
         model.register_forward_pre_hook(count, with_kwargs=True)

@@ -52,7 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import InputError, audio_problem, count_reasons, json_lines, read_jsonl  # noqa: E402
+from audio import audio_problem  # noqa: E402
+from data import InputError, count_reasons, json_lines, read_jsonl  # noqa: E402
 from shards import AUDIO_FORMATS, expand_shards, index_name, index_shard, write_json, write_shards  # noqa: E402
 
 FUNASR_SYSTEM = "You are a helpful assistant."  # FunASR's fixed system turn

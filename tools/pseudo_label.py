@@ -42,7 +42,8 @@ import whisper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import BadAudio, InputError, load_entry_audio, read_jsonl  # noqa: E402
+from audio import BadAudio, load_entry_audio  # noqa: E402
+from data import InputError, read_jsonl  # noqa: E402
 from model import load_whisper  # noqa: E402
 
 BATCH_SIZE = 8

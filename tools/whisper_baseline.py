@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compute_wer import format_report, score  # noqa: E402
-from data import SAMPLE_RATE, load_entry_audio, read_jsonl  # noqa: E402
+from audio import SAMPLE_RATE, load_entry_audio  # noqa: E402
+from data import read_jsonl  # noqa: E402
 from model import load_whisper  # noqa: E402
 
 

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the library
 
 import torch  # noqa: E402
 
-from data import Collator, load_entry_audio, log_mel, read_jsonl  # noqa: E402
+from audio import load_entry_audio, log_mel  # noqa: E402
+from data import Collator, read_jsonl  # noqa: E402
 from model import SpeechLLM  # noqa: E402
 
 

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the library
 
 from compute_wer import score  # noqa: E402
-from data import check_entries, load_entry_audio, read_jsonl  # noqa: E402
+from audio import load_entry_audio  # noqa: E402
+from data import check_entries, read_jsonl  # noqa: E402
 from model import SpeechLLM  # noqa: E402
 import recognize  # noqa: E402
 

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the library
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # pseudo_label
 
 from compute_wer import format_report, score, tokenize  # noqa: E402
-from data import SAMPLE_RATE  # noqa: E402
+from audio import SAMPLE_RATE  # noqa: E402
 from pseudo_label import read_done, reject_reason, transcribe_all  # noqa: E402
 
 GAME = "/usr/share/scummvm/flight-of-the-amazon-queen/queen.1c"

@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe: make_co
 
 import make_corpus  # noqa: E402
 from compute_wer import tokenize  # noqa: E402
-from data import SAMPLE_RATE, InputError, check_entries, load_audio, read_jsonl  # noqa: E402
+from audio import SAMPLE_RATE, load_audio  # noqa: E402
+from data import InputError, check_entries, read_jsonl  # noqa: E402
 
 MAX_SECONDS = 30.0  # Whisper's window; train.py skips anything longer
 LONG_SECONDS = (5.0, 30.0)
