@@ -436,7 +436,7 @@ class SpeechLLM(nn.Module):
         options, kwargs: as for generate()."""
         from data import Collator, load_audio, log_mel, long_audio_pieces
 
-        options = replace(decoding_options(options, **kwargs), return_confidence=False)
+        options = replace(decoding_options(options, **kwargs), return_confidence=False)  # text only: see generate()
         items = audio if isinstance(audio, (list, tuple)) else [audio]
         pieces = []  # (item index, samples)
         for index, item in enumerate(items):
