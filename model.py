@@ -11,7 +11,7 @@ import contextlib
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -133,35 +133,71 @@ def read_llm_weights(llm_dir: Path) -> dict:
 # The model
 
 
+DEFAULT_CTC_DECODE_WEIGHT = 0.5  # measured on the real-speech dev, greedy: w 0 57.85, 0.3 48.77, 0.5 44.87 (README)
+# What a model saved before the field existed was used with, where that differs from the default
+SAVED_BEFORE_THE_FIELD = dict(projector_kernel=5, ctc_decode_weight=0.0)
+
+
+def option(default=MISSING, help: str = "", range: str | None = None, **metadata):
+    """A config field with what train.py's parser shows (help, aliases, choices) and checks: range, e.g.
+    ">= 0, < 1" (train.validate_arguments; every number needs one). flag=False: the run sets it, not a flag."""
+    return field(default=default, metadata=dict(help=help, **({"range": range} if range else {}), **metadata))
+
+
 @dataclass
 class SpeechLLMConfig:
-    whisper_model: str  # name, .pt, CTranslate2 dir or a `bundled:` name
-    llm_model: str  # hub id, local dir, .gguf file or a `bundled:` name
-    projector_type: str = "conv"  # a PROJECTOR_TYPES key; configs saved before there were types are conv
-    projector_kernel: int = 5  # encoder frames per audio token, whatever the type
-    projector_hidden: int = 2048  # conv and linear
-    projector_output_norm: bool = True
-    ctc_weight: float = 0.0  # training: + ctc_weight * ctc_loss (audio embeddings vs the transcript's tokens)
-    instruction: str = "Transcribe the speech."
-    pad_to_30s: bool = False  # Whisper's native input: every clip padded to 30 s, 300 audio tokens
-    spec_augment: bool = False  # training only: SpecAugment masks on the log-mel
+    """A model's settings: saved with it (speechllm_config.json), and train.py's flags as they are."""
+    whisper_model: str = option(help="whisper name, .pt file, CTranslate2 directory or a `bundled:` name",
+                                aliases=["--whisper_model_name_or_path"])
+    llm_model: str = option(help="hub id, local directory, .gguf file or a `bundled:` name",
+                            aliases=["--llm_model_name_or_path"])
+    # configs saved before there were types are conv
+    projector_type: str = option("conv", choices=list(PROJECTOR_TYPES), help=(
+        "conv: Conv1d + 2-layer MLP; qwen2-audio: Qwen2-Audio's average pooling + one linear layer; "
+        "linear: SLAM-ASR's k frames concatenated + linear-ReLU-linear"))
+    projector_kernel: int | None = option(None, range=">= 1", help=(  # None: set from the type when made
+        "encoder frames (50 per second) per audio token, whatever the type (default: the type's, 5, qwen2-audio 2)"))
+    projector_hidden: int = option(2048, range=">= 1", help="hidden layer width (conv, linear)")
+    projector_output_norm: bool = option(True, help=(
+        "LayerNorm on the audio embeddings, its gain starting at the token embeddings' scale"))
+    ctc_weight: float = option(0.0, range=">= 0", help=(
+        "training: add ctc_weight * a CTC loss that pulls audio embeddings towards the transcript's token "
+        "embeddings; > 0 gives the model its CTC head (for ctc_decode_weight, decode ctc)"))
+    instruction: str = option("Transcribe the speech.", help="default; jsonl `instruction` wins")
+    pad_to_30s: bool = option(False, help="Whisper's native input: every clip padded to 30 s, 300 audio tokens (slower)")
+    spec_augment: bool = option(False, help=(
+        "SpecAugment: frequency bands and time spans of the log-mel masked in training (never in eval)"))
     # What trains besides the projector (see trainable_parameters); all off: projector only
-    lora_rank: int = 0  # LoRA adapters on the LLM (0 = none)
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all-linear"  # peft's name for every linear layer of attention and MLP, or a comma list
-    train_encoder_layers: int = 0  # the encoder's top N blocks + ln_post (-1 = all blocks)
-    train_llm: bool = False  # every LLM weight (full fine-tuning)
-    # Decoding defaults (decoding.py); train.py sets them from the run
-    ctc_decode_weight: float = 0.0  # joint CTC + LLM scoring weight w (needs the CTC head, ctc_weight > 0)
-    max_tokens_per_second: float = 8.0  # the token budget per utterance: ceil(rate * seconds) + extra
-    max_tokens_extra: int = 16
+    lora_rank: int = option(0, range=">= 0", help="LoRA adapters of this rank on the LLM (0 = none)")
+    lora_alpha: float = option(16.0, range="> 0", help="LoRA scale: the update is B A * alpha / rank")
+    lora_dropout: float = option(0.05, range=">= 0, < 1", help="LoRA's dropout on its input")
+    lora_target_modules: str = option("all-linear", help=(
+        "comma-separated module names, or all-linear (peft's name for every linear layer of attention and MLP)"))
+    train_encoder_layers: int = option(0, range=">= -1", help=(
+        "train the encoder's top N blocks and its final LayerNorm (0 = frozen, -1 = all)"))
+    train_llm: bool = option(False, help="full fine-tuning of every LLM weight")
+    # Decoding defaults (decoding.py): the weight from its flag, the token budget measured by train.py
+    ctc_decode_weight: float | None = option(None, help=(  # None: set from ctc_weight when made
+        f"the joint CTC + LLM decoding weight saved with the model, in [0, 1) (default: {DEFAULT_CTC_DECODE_WEIGHT} "
+        "with a CTC head, else 0); recognize.py --ctc_decode_weight overrides it"))
+    # the token budget per utterance: ceil(rate * seconds) + extra (decoding.token_budget)
+    max_tokens_per_second: float = option(8.0, flag=False)
+    max_tokens_extra: int = option(16, flag=False)
+
+    def __post_init__(self):
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type {self.projector_type!r}: not one of {list(PROJECTOR_TYPES)}")
+        if self.projector_kernel is None:
+            self.projector_kernel = PROJECTOR_TYPES[self.projector_type].default_kernel
+        if self.ctc_decode_weight is None:
+            self.ctc_decode_weight = DEFAULT_CTC_DECODE_WEIGHT if self.ctc_weight > 0 else 0.0
 
     @classmethod
     def from_json(cls, path: Path) -> "SpeechLLMConfig":
+        """A saved config; a field it predates gets the value that model was used with."""
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**SAVED_BEFORE_THE_FIELD | {k: v for k, v in data.items() if k in known})
 
 
 def gathered_if_partitioned(params: list):
@@ -193,8 +229,6 @@ class SpeechLLM(nn.Module):
         # Not a saved field: HF's DeepSpeed integration sizes its "auto" buckets from model.config.hidden_size.
         self.config.hidden_size = self.llm.config.hidden_size
         self.prompt = ChatPrompt(self.tokenizer)
-        if config.projector_type not in PROJECTOR_TYPES:
-            raise ValueError(f"projector_type {config.projector_type!r}: not one of {list(PROJECTOR_TYPES)}")
         self.projector = PROJECTOR_TYPES[config.projector_type](
             self.encoder.ln_post.normalized_shape[0], self.llm.config.hidden_size, config.projector_kernel,
             config.projector_hidden, output_norm=config.projector_output_norm,
@@ -386,7 +420,7 @@ class SpeechLLM(nn.Module):
         from data import Collator
         from hotwords import Hotwords
 
-        options = replace(decoding_options(options, **kwargs), return_confidence=False)
+        options = replace(decoding_options(options, **kwargs), return_confidence=False)  # text only: see generate()
         if hotwords:
             options = replace(options, hotwords=Hotwords.from_lines(list(hotwords), self.tokenizer))
         items = audio if isinstance(audio, (list, tuple)) else [audio]

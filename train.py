@@ -5,15 +5,17 @@ optionally LoRA adapters on the LLM, the encoder's top blocks or the whole LLM.
         --whisper_model_name_or_path large-v3 --data_path train.jsonl --output_dir exp/x \
         --deepspeed ds_config_zero3.json --bf16 True --activation_checkpointing
 """
+import copy
 import json
 import math
 import os
 import shutil
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from accelerate import PartialState
@@ -26,76 +28,60 @@ from transformers.trainer_utils import get_last_checkpoint, seed_worker
 from data import (Collator, DurationBatchSampler, InputError, LengthGroupedSampler, SpeechDataset, check_entries,
                   count_reasons, read_jsonl, text_problem)
 from decoding import DecodingOptions, transcript_token_rate
-from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig
-from projectors import PROJECTOR_TYPES
+from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, option
 from shards import (ShardDataset, TrackedLoader, collate_with_position, estimate_batches, expand_shards,
                     index_summary, is_shard_spec, write_json)
 
 
-DEFAULT_CTC_DECODE_WEIGHT = 0.5  # measured on the real-speech dev, greedy: w 0 57.85, 0.3 48.77, 0.5 44.87 (recipes/game_speech/README.md)
-
-
 @dataclass
-class ModelArguments:
-    llm_model_name_or_path: str = field(metadata={"help": "hub id, local directory or .gguf file"})
-    whisper_model_name_or_path: str = field(metadata={"help": "whisper name, .pt file or CTranslate2 directory"})
-    projector_type: str = field(default="conv", metadata={
-        "choices": list(PROJECTOR_TYPES),
-        "help": "conv: Conv1d + 2-layer MLP; qwen2-audio: Qwen2-Audio's average pooling + one linear layer; "
-                "linear: SLAM-ASR's k frames concatenated + linear-ReLU-linear"})
-    projector_kernel: int | None = field(default=None, metadata={
-        "help": "encoder frames (50 per second) per audio token (default: 5, qwen2-audio 2)"})
-    projector_hidden: int = field(default=2048, metadata={"help": "hidden layer width (conv, linear)"})
-    projector_output_norm: bool = field(default=True, metadata={
-        "help": "LayerNorm on the audio embeddings, its gain starting at the token embeddings' scale"})
-    ctc_weight: float = field(default=0.0, metadata={
-        "help": "add ctc_weight * a CTC loss that pulls audio embeddings towards the transcript's token embeddings"})
-    ctc_decode_weight: float | None = field(default=None, metadata={
-        "help": "the joint CTC + LLM decoding weight saved with the model, in [0, 1) (default: "
-                f"{DEFAULT_CTC_DECODE_WEIGHT} with a CTC head, else 0); recognize.py --ctc_decode_weight overrides it"})
-    instruction: str = field(default="Transcribe the speech.", metadata={"help": "default; jsonl `instruction` wins"})
-    pad_to_30s: bool = field(default=False, metadata={"help": "Whisper's native 30 s input (slower)"})
-    spec_augment: bool = field(default=False, metadata={
-        "help": "SpecAugment: frequency bands and time spans of the log-mel masked in training (never in eval)"})
-    cpu_bf16_autocast: bool = field(default=False, metadata={
-        "help": "CPU only: forward under torch.autocast(bfloat16), weights stay fp32 (--bf16 refuses CPU)"})
-    lora_rank: int = field(default=0, metadata={"help": "LoRA adapters of this rank on the LLM (0 = none)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: the update is B A * alpha / rank"})
-    lora_dropout: float = 0.05
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "comma-separated module names, or all-linear: every linear layer of attention and MLP"})
-    train_encoder_layers: int = field(default=0, metadata={
-        "help": "train the encoder's top N blocks and its final LayerNorm (0 = frozen, -1 = all)"})
-    encoder_learning_rate: float | None = field(default=None, metadata={
-        "help": "learning rate of the encoder's trained blocks (default: --learning_rate)"})
-    train_llm: bool = field(default=False, metadata={"help": "full fine-tuning of every LLM weight"})
-    init_from: str | None = field(default=None, metadata={
-        "help": "warm start (staged training): every trained part a saved model dir holds; this run may "
-                "train more (a checkpoint in output_dir still wins)"})
-    init_projector: str | None = field(default=None, metadata={"help": "the older name of --init_from"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "let the LLM's repo run its own Python code"})
+class RunArguments:
+    """How this run treats the model (SpeechLLMConfig: what the model is, saved with it)."""
+    cpu_bf16_autocast: bool = option(False, help=(
+        "CPU only: forward under torch.autocast(bfloat16), weights stay fp32 (--bf16 refuses CPU)"))
+    encoder_learning_rate: float | None = option(None, range=">= 0", help=(
+        "learning rate of the encoder's trained blocks (default: --learning_rate)"))
+    init_from: str | None = option(None, help=(
+        "warm start (staged training): every trained part a saved model dir holds; this run may train more "
+        "(a checkpoint in output_dir still wins)"))
+    init_projector: str | None = option(None, help="the older name of --init_from")
+    trust_remote_code: bool = option(False, help="let the LLM's repo run its own Python code")
 
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": 'jsonl lines {"key", "wav", "txt"}, or shards (docs/shards.md): '
-                                             '.tar files, a comma-separated list, glob or {000..009} pattern, local or URLs'})
-    shuffle_buffer: int = field(default=1000, metadata={
-        "help": "shards: utterances per buffer, shuffled and cut into batches of similar duration"})
+    """The data the run trains and evaluates on, and how it is batched."""
+    data_path: str = option(help='jsonl lines {"key", "wav", "txt"}, or shards (docs/shards.md): .tar files, a '
+                                 'comma-separated list, glob or {000..009} pattern, local or URLs')
+    shuffle_buffer: int = option(1000, range=">= 1", help=(
+        "shards: utterances per buffer, shuffled and cut into batches of similar duration"))
     eval_data_path: str | None = None
-    length_grouped: bool = field(default=True, metadata={"help": "batches of similar duration (less padding)"})
-    batch_seconds: float | None = field(default=None, metadata={
-        "help": "instead of --per_device_train_batch_size utterances: as many as fit this many seconds of padded "
-                "audio per batch (utterances x the longest), and --batch_tokens"})
-    batch_tokens: int | None = field(default=None, metadata={
-        "help": "with --batch_seconds: at most this many padded LLM tokens per batch (utterances x the longest "
-                "prompt + audio + transcript); default: what --batch_seconds of the longest clips take"})
-    pad_text_to: int | None = field(default=None, metadata={
-        "help": "pad every batch's tokens to at least this length (West v0: 512); only to measure its cost"})
-    max_audio_seconds: float = field(default=30.0, metadata={"help": "longer utterances are skipped (counted)"})
-    strict: bool = field(default=False, metadata={"help": "an unusable utterance is an error instead of a skip"})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "replace a finished model in output_dir (its checkpoints go too); without it that is an error"})
+    length_grouped: bool = option(True, help="batches of similar duration (less padding)")
+    batch_seconds: float | None = option(None, range="> 0", help=(
+        "instead of --per_device_train_batch_size utterances: as many as fit this many seconds of padded "
+        "audio per batch (utterances x the longest), and --batch_tokens"))
+    batch_tokens: int | None = option(None, range=">= 1", help=(
+        "with --batch_seconds: at most this many padded LLM tokens per batch (utterances x the longest "
+        "prompt + audio + transcript); default: what --batch_seconds of the longest clips take"))
+    pad_text_to: int | None = option(None, range=">= 1", help=(
+        "pad every batch's tokens to at least this length (West v0: 512); only to measure its cost"))
+    max_audio_seconds: float = option(30.0, range="> 0", help="longer utterances are skipped (counted)")
+    strict: bool = option(False, help="an unusable utterance is an error instead of a skip")
+    overwrite_output_dir: bool = option(False, help=(
+        "replace a finished model in output_dir (its checkpoints go too); without it that is an error"))
+
+
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser over fields made by model.option(): a field with flag=False is no flag (the run
+    sets it), and "range" is for validate_arguments, not for argparse."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        if not field.metadata.get("flag", True):
+            parser.set_defaults(**{field.name: field.default})  # the parser hands every field to the dataclass
+            return
+        field = copy.copy(field)  # HfArgumentParser rewrites the type of the field it is given
+        field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k not in ("flag", "range")})
+        HfArgumentParser._parse_dataclass_field(parser, field)
 
 
 def setup_distributed(argv: list[str]) -> list[str]:
@@ -373,29 +359,30 @@ def load_checkpoint_without_frozen(engine, checkpoint_path, load_module_strict=T
 transformers.trainer.deepspeed_load_checkpoint = load_checkpoint_without_frozen
 
 
-def validate_arguments(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
+# TrainingArguments takes any of these; our sampler and the Trainer's steps cannot
+TRAINING_RANGES = {"per_device_train_batch_size": ">= 1", "per_device_eval_batch_size": ">= 1",
+                   "gradient_accumulation_steps": ">= 1"}
+
+
+def validate_arguments(config: SpeechLLMConfig, run_args: RunArguments, data_args: DataArguments,
+                       args: TrainingArguments):
     """Out-of-range numbers stop the run here, before anything is loaded, not as a traceback later.
-    A numeric option is one row (tests/test_fuzz.py fails for one without), the decoding weight is
+    A numeric option has a range (tests/test_fuzz.py fails for one without), the decoding weight is
     DecodingOptions' own check; NaN and inf never pass."""
-    rules = {"projector_kernel": ">= 1", "projector_hidden": ">= 1", "ctc_weight": ">= 0", "lora_rank": ">= 0",
-             "lora_alpha": "> 0", "lora_dropout": ">= 0, < 1", "train_encoder_layers": ">= -1",
-             "encoder_learning_rate": ">= 0", "pad_text_to": ">= 1", "max_audio_seconds": "> 0",
-             "batch_seconds": "> 0", "batch_tokens": ">= 1", "shuffle_buffer": ">= 1",
-             # TrainingArguments takes any of these; our sampler and the Trainer's steps cannot
-             "per_device_train_batch_size": ">= 1", "per_device_eval_batch_size": ">= 1",
-             "gradient_accumulation_steps": ">= 1"}
+    ranges = {f.name: f.metadata["range"] for x in (config, run_args, data_args) for f in fields(x)
+              if "range" in f.metadata} | TRAINING_RANGES
     holds = {">=": lambda v, bound: v >= bound, ">": lambda v, bound: v > bound, "<": lambda v, bound: v < bound}
-    values = {**vars(args), **vars(model_args), **vars(data_args)}
-    for name, rule in rules.items():
+    values = {**vars(args), **vars(run_args), **vars(data_args), **vars(config)}
+    for name, rule in ranges.items():
         value = values.get(name)  # None: an optional number left unset
         if value is not None and not (float("-inf") < value < float("inf") and all(
                 holds[op](value, float(bound)) for op, bound in map(str.split, rule.split(", ")))):
             raise InputError(f"--{name} must be {rule}, got {value}")
     try:  # the decoding weight saved with the model: DecodingOptions checks it, as every decoding weight
-        DecodingOptions(ctc_decode_weight=model_args.ctc_decode_weight)
+        DecodingOptions(ctc_decode_weight=config.ctc_decode_weight)
     except ValueError as e:
         raise InputError(f"--{e}") from None
-    if model_args.ctc_decode_weight and not model_args.ctc_weight:
+    if config.ctc_decode_weight and not config.ctc_weight:
         raise InputError("--ctc_decode_weight needs the CTC head that --ctc_weight > 0 trains")
     if data_args.batch_seconds and not data_args.length_grouped:
         raise InputError("--batch_seconds makes length-grouped batches: it cannot go with --length_grouped False")
@@ -433,10 +420,10 @@ def training_token_rate(model, entries: list[dict]) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> SpeechLLMTrainer:
     """callbacks: TrainerCallbacks for the run (tools/gpu_check.py times and profiles steps with one)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = ArgumentParser((SpeechLLMConfig, RunArguments, DataArguments, TrainingArguments))
     argv = setup_distributed(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
-    validate_arguments(model_args, data_args, args)
+    config, run_args, data_args, args = parser.parse_args_into_dataclasses(argv)
+    validate_arguments(config, run_args, data_args, args)
     feed_the_gpu(args, argv)
     args.remove_unused_columns = False  # our batches are dicts of tensors the model takes as they are
     args.label_names = ["labels"]
@@ -450,24 +437,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
 
     set_seed(args.seed)  # the projector's initialization, like everything else, follows --seed
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    config = SpeechLLMConfig(
-        whisper_model=model_args.whisper_model_name_or_path, llm_model=model_args.llm_model_name_or_path,
-        projector_type=model_args.projector_type,
-        projector_kernel=(model_args.projector_kernel if model_args.projector_kernel is not None
-                          else PROJECTOR_TYPES[model_args.projector_type].default_kernel),
-        projector_hidden=model_args.projector_hidden,
-        projector_output_norm=model_args.projector_output_norm, ctc_weight=model_args.ctc_weight,
-        ctc_decode_weight=(model_args.ctc_decode_weight if model_args.ctc_decode_weight is not None
-                           else DEFAULT_CTC_DECODE_WEIGHT if model_args.ctc_weight > 0 else 0.0),
-        instruction=model_args.instruction, pad_to_30s=model_args.pad_to_30s, spec_augment=model_args.spec_augment,
-        lora_rank=model_args.lora_rank,
-        lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-        lora_target_modules=model_args.lora_target_modules, train_encoder_layers=model_args.train_encoder_layers,
-        train_llm=model_args.train_llm)
-    model = SpeechLLM(config, dtype, trust_remote_code=model_args.trust_remote_code)
+    model = SpeechLLM(config, dtype, trust_remote_code=run_args.trust_remote_code)
     if is_deepspeed_zero3_enabled():
         move_buffers(model, args.device)
-    init_from = model_args.init_from or model_args.init_projector
+    init_from = run_args.init_from or run_args.init_projector
     if init_from:
         model.load_trained(init_from, warm_start=True)
 
@@ -509,8 +482,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=Collator(model, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
         train_batch_sampler=train_batch_sampler,
-        cpu_bf16_autocast=cpu_bf16_autocast_wanted(model_args.cpu_bf16_autocast),
-        encoder_learning_rate=model_args.encoder_learning_rate, data_resume=data_resume, callbacks=callbacks)
+        cpu_bf16_autocast=cpu_bf16_autocast_wanted(run_args.cpu_bf16_autocast),
+        encoder_learning_rate=run_args.encoder_learning_rate, data_resume=data_resume, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model(args.output_dir)
     if args.process_index == 0:

@@ -26,7 +26,7 @@ import train
 from compute_wer import read_hypotheses
 from audio import BadAudio, audio_problem, load_audio, log_mel
 from data import Collator, InputError, SpeechDataset, check_entries, count_reasons, num_mel_frames, read_jsonl
-from model import SpeechLLM
+from model import SpeechLLM, SpeechLLMConfig
 
 
 def fuzz(max_examples: int):
@@ -386,7 +386,8 @@ def test_recognize_refuses_out_of_range_options(tmp_path, capsys, option, value)
 
 def out_of_range_values() -> list[tuple[str, str]]:
     """Every numeric option of ours with values no option allows: a new one must get a range too."""
-    fields = [f for cls in (train.ModelArguments, train.DataArguments) for f in dataclasses.fields(cls)]
+    fields = [f for cls in (SpeechLLMConfig, train.RunArguments, train.DataArguments) for f in dataclasses.fields(cls)
+              if f.metadata.get("flag", True)]
     return [(f.name, value) for f in fields if f.type in (int, int | None) for value in ["-1000000000"]] + [
         (f.name, value) for f in fields if f.type in (float, float | None) for value in ["nan", "-1e9", "inf"]]
 
@@ -397,6 +398,22 @@ def test_train_refuses_out_of_range_options(tmp_path, name, value):
             str(tmp_path / "no.pt"), "--data_path", str(tmp_path / "no.jsonl"), "--output_dir", str(tmp_path / "exp")]
     with pytest.raises(InputError, match=f"^--{name} must be "):
         train.main(argv + [f"--{name}={value}"])
+
+
+def test_train_flags_are_the_config_fields_and_the_old_names_still_work(tmp_path):
+    """SpeechLLMConfig is declared once: train.py parses it as it is. --llm_model_name_or_path and
+    --whisper_model_name_or_path are the older names of --llm_model and --whisper_model."""
+    parser = train.ArgumentParser((SpeechLLMConfig, train.RunArguments, train.DataArguments, train.TrainingArguments))
+    common = ["--data_path", "d.jsonl", "--output_dir", str(tmp_path), "--ctc_weight", "0.5", "--lora_rank", "4"]
+    old = parser.parse_args_into_dataclasses(common + ["--llm_model_name_or_path", "L", "--whisper_model_name_or_path", "W"])
+    new = parser.parse_args_into_dataclasses(common + ["--llm_model", "L", "--whisper_model", "W"])
+    assert old[0] == new[0] == SpeechLLMConfig(whisper_model="W", llm_model="L", ctc_weight=0.5, lora_rank=4)
+    assert new[0].projector_kernel == 5 and new[0].ctc_decode_weight == 0.5  # the defaults, in the config
+    flags = {action.dest for action in parser._actions}
+    set_by_the_run = {f.name for f in dataclasses.fields(SpeechLLMConfig) if not f.metadata.get("flag", True)}
+    assert set_by_the_run == {"max_tokens_per_second", "max_tokens_extra"}
+    assert {f.name for f in dataclasses.fields(SpeechLLMConfig)} - set_by_the_run <= flags
+    assert not flags & set_by_the_run
 
 
 @pytest.mark.parametrize("option", ["--per_device_train_batch_size", "--gradient_accumulation_steps"])

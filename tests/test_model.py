@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -7,7 +8,7 @@ from conftest import synth_audio
 from audio import log_mel
 from data import Collator
 from decoding import transcripts
-from model import N_FRAMES_30S, SpeechLLM, merge_audio_embeds, num_audio_tokens, whisper_encode
+from model import N_FRAMES_30S, SpeechLLM, SpeechLLMConfig, merge_audio_embeds, num_audio_tokens, whisper_encode
 
 INSTRUCTION = "Transcribe the speech."
 
@@ -186,6 +187,17 @@ def test_save_pretrained_from_pretrained_reproduces_outputs(tiny_model, tmp_path
     assert loaded.transcribe([synth_audio(0, 1.2)], instruction="Please transcribe.") == transcripts(
         tiny_model, tiny_model.generate(**{k: v[:1] for k, v in make_batch(tiny_model, [1.2], inference=True,
                                                                           instruction="Please transcribe.").items()}))
+
+
+def test_a_config_saved_before_a_field_existed_loads_as_that_model_was_used(tmp_path):
+    """The defaults that live in the config (the type's kernel, 0.5 with a CTC head) are not what
+    a model saved before those fields was used with: a conv kernel of 5, the LLM alone."""
+    path = tmp_path / "speechllm_config.json"
+    path.write_text(json.dumps(dict(whisper_model="W", llm_model="L", ctc_weight=1.0, unknown_field=3)))
+    config = SpeechLLMConfig.from_json(path)
+    assert (config.projector_type, config.projector_kernel, config.ctc_decode_weight) == ("conv", 5, 0.0)
+    assert SpeechLLMConfig(whisper_model="W", llm_model="L", ctc_weight=1.0).ctc_decode_weight == 0.5
+    assert SpeechLLMConfig(whisper_model="W", llm_model="L", projector_type="qwen2-audio").projector_kernel == 2
 
 
 def test_loss_on_label_positions_only_equals_the_llms_own_loss(tiny_model, device):
