@@ -91,3 +91,11 @@ def test_default_texts_avoid_every_training_source():
     import make_corpus
     trained = {name.split("-", 1)[1] for name, _ in make_corpus.VOICES if name.startswith("espeak-")}
     assert trained and not set(ood.VOICES) & trained
+
+
+def test_a_trained_voice_makes_a_text_and_channel_slice(monkeypatch):
+    monkeypatch.setattr(ood, "man_sentences", lambda pages: [(f"Sentence number {w} is plain prose here.", "x.1")
+                                                            for w in ("one", "two", "three")])
+    items = ood.plan(0, 3, 3, ood.TrainingText([]), voices=["piper-joe"])
+    assert {e["voice"] for e in items} == {"piper-joe"} and "piper-joe" in ood.TRAINED_VOICES
+    assert [e["txt"] for e in items] == [e["txt"] for e in ood.plan(0, 3, 3, ood.TrainingText([]))]

@@ -2,6 +2,7 @@
 
     bash tools/install_tts.sh                              # espeak-ng, sox (and the training text, to exclude it)
     python tools/make_ood_dev.py --out corpus/ood          # corpus/ood/dev.jsonl, corpus/ood/wav/...
+    python tools/make_ood_dev.py --out corpus/ood_text --voices piper-joe   # new text and channels only
 
 What the training corpora (tools/make_corpus.py, make_real_speech.py, make_bass_speech.py) never hold:
 - Voices: espeak-ng accents and variants make_corpus.py never uses (Lancaster, West Midlands and New
@@ -52,6 +53,9 @@ from compute_wer import tokenize  # noqa: E402
 # en-gb-x-rp, en-029, en-gb-scotland; its variants: m1, m3, m7, f2, f4)
 VOICES = ["en-gb-x-gbclan+f3", "en-gb-x-gbcwmd+m2", "en-us-nyc+m5", "en-us+klatt2", "en-gb-x-gbclan+klatt4",
           "en-us-nyc+belinda", "en-gb-x-gbcwmd+Andy", "en-gb+klatt3"]
+# make_corpus.py's voice names (flite-kal16, piper-joe, ...): --voices takes them for a slice whose only
+# novelty is the text and the channel (what those alone cost a model, in a voice it trained on)
+TRAINED_VOICES = ["flite-kal16", "flite-rms", "festival-kal", "festival-ked", "piper-joe"]
 # Debian base packages whose English manual pages give the prose (a fixed set: the same pages wherever
 # these packages are installed with their docs)
 MAN_PACKAGES = ["coreutils", "util-linux", "procps", "passwd", "apt", "dpkg", "gzip", "man-db", "login", "bash",
@@ -271,7 +275,7 @@ class TrainingText:
 # ----------------------------------------------------------------------------------------------
 # The set
 
-def plan(seed: int, num_man: int, num_phrases: int, exclude: TrainingText) -> list[dict]:
+def plan(seed: int, num_man: int, num_phrases: int, exclude: TrainingText, voices: list[str] = VOICES) -> list[dict]:
     """The utterances (text, voice, channel), a function of the seed (and the installed text)."""
     seen, man = set(), []
     for sentence, page in man_sentences(man_pages()):
@@ -300,7 +304,7 @@ def plan(seed: int, num_man: int, num_phrases: int, exclude: TrainingText) -> li
     random.Random(f"{seed}/order").shuffle(items)
     for index, item in enumerate(items):
         r = random.Random(f"{seed}/utt/{index}")
-        item["voice"] = VOICES[index % len(VOICES)] if index < len(VOICES) else r.choice(VOICES)
+        item["voice"] = voices[index % len(voices)] if index < len(voices) else r.choice(voices)
         item["channel"] = r.choice(["clean", "telephone", "telephone", "noisy"])
         item["speed"], item["pitch"] = r.randint(140, 190), r.randint(30, 70)  # espeak-ng words/min, 0-99
         item["key"] = f"ood-{index:04d}-{item['source'].split(':')[0]}-{item['channel']}"
@@ -349,8 +353,12 @@ def make_utterance(task) -> tuple[str, str]:
     effects, codec, snr, colour = channel_effects(item["channel"], rng)
     with tempfile.TemporaryDirectory() as tmp:
         raw, audio_path = f"{tmp}/raw.wav", f"{tmp}/out.wav"
-        subprocess.run(["espeak-ng", "-v", item["voice"], "-s", str(item["speed"]), "-p", str(item["pitch"]), "-w", raw,
-                        item["spoken"]], check=True, stderr=subprocess.DEVNULL)
+        if item["voice"] in TRAINED_VOICES:  # the --voices of a text-and-channel-only slice
+            import make_corpus
+            make_corpus.synthesize(item["voice"], item["spoken"], raw)
+        else:
+            subprocess.run(["espeak-ng", "-v", item["voice"], "-s", str(item["speed"]), "-p", str(item["pitch"]), "-w",
+                            raw, item["spoken"]], check=True, stderr=subprocess.DEVNULL)
         # -R: sox's dither is random unless told to repeat
         subprocess.run(["sox", "-R", raw, "-r", "16000", "-c", "1", "-b", "16", audio_path, *effects], check=True,
                        stderr=subprocess.DEVNULL)
@@ -377,10 +385,13 @@ def main(argv=None):
     p.add_argument("--num_phrases", type=int, default=130, help="telephone / number / date / time phrases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--voices", nargs="+", default=VOICES, choices=VOICES + TRAINED_VOICES,
+                   help="default: the espeak-ng voices no training corpus uses; one of make_corpus.py's voices "
+                        "(e.g. piper-joe, a trained voice) makes a slice new in text and channel only")
     args = p.parse_args(argv)
 
     start = time.time()
-    items = plan(args.seed, args.num_man, args.num_phrases, TrainingText(training_texts()))
+    items = plan(args.seed, args.num_man, args.num_phrases, TrainingText(training_texts()), args.voices)
     (Path(args.out) / "wav").mkdir(parents=True, exist_ok=True)
     counts = {}
     with Pool(args.jobs) as pool:
