@@ -121,3 +121,48 @@ def test_int8_files_with_one_scale_per_row_still_load():
     stored = {"w": torch.round(kernel / scale).to(torch.int8), "w.int8_scale": scale, "b": torch.ones(6)}
     loaded = dequantize_int8(stored)
     assert torch.all((loaded["w"] - kernel).abs() <= scale / 2 + 1e-7) and torch.equal(loaded["b"], torch.ones(6))
+
+
+def test_interpolate_encoder_moves_only_the_trained_encoder_toward_whisper(tiny_config, tiny_whisper_path, tmp_path):
+    """WiSE-FT: encoder weights = alpha * tuned + (1 - alpha) * pretrained; projector and LoRA as trained."""
+    from loading import load_whisper
+
+    torch.manual_seed(0)
+    model = SpeechLLM(replace(tiny_config, train_encoder_layers=1, lora_rank=2))
+    with torch.no_grad():  # "fine-tuned": every trained weight moved away from where it started
+        for param in model.trainable_parameters().values():
+            param.add_(torch.randn_like(param))
+    model.save_pretrained(tmp_path / "tuned")
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    pretrained = load_whisper(str(tiny_whisper_path)).state_dict()
+    encoder = [k for k in tuned if k.startswith("encoder.")]
+    assert encoder and any(k.startswith("projector.") for k in tuned) and any(".lora_" in k for k in tuned)
+    assert all(not torch.allclose(tuned[k], pretrained[k]) for k in encoder)
+
+    for alpha in (0.0, 0.25, 1.0):
+        out = tmp_path / f"wise{alpha}"
+        average(["--dirs", str(tmp_path / "tuned"), "--out", str(out), "--interpolate_encoder", str(alpha)])
+        mixed = load_file(out / "model.safetensors")
+        assert mixed.keys() == tuned.keys()
+        for k in tuned:
+            expected = alpha * tuned[k] + (1 - alpha) * pretrained[k] if k in encoder else tuned[k]
+            torch.testing.assert_close(mixed[k], expected)
+    # it loads, with the interpolated encoder block in place
+    loaded = SpeechLLM.from_pretrained(tmp_path / "wise0.25")
+    for k in encoder:
+        torch.testing.assert_close(loaded.state_dict()[k], 0.25 * tuned[k] + 0.75 * pretrained[k])
+    # with int8 storage too (interpolated first, then quantized)
+    average(["--dirs", str(tmp_path / "tuned"), "--out", str(tmp_path / "wise_int8"), "--interpolate_encoder", "0.5",
+             "--dtype", "int8"])
+    stored = dequantize_int8(load_file(tmp_path / "wise_int8" / "model.safetensors"))
+    for k in encoder:
+        torch.testing.assert_close(stored[k], 0.5 * tuned[k] + 0.5 * pretrained[k], atol=0.02, rtol=0)
+
+
+def test_interpolate_encoder_refuses_what_it_cannot_do(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "a")  # trained no encoder weights
+    with pytest.raises(SystemExit, match="no encoder weights"):
+        average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "w"), "--interpolate_encoder", "0.5"])
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(SystemExit):
+        average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "w"), "--interpolate_encoder", "1.5"])

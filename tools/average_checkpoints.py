@@ -6,6 +6,13 @@
     python tools/average_checkpoints.py --dirs exp/x/checkpoint-1000 exp/y --out exp/avg
     python tools/average_checkpoints.py --dirs exp/x --out pretrained/y --dtype float16   # one dir, halved
     python tools/average_checkpoints.py --dirs exp/x --out pretrained/y --dtype int8      # a quarter
+    python tools/average_checkpoints.py --dirs pretrained/y --out exp/y_wise05 --interpolate_encoder 0.5
+
+--interpolate_encoder ALPHA (WiSE-FT, Wortsman et al. 2022): the trained encoder weights (the top
+blocks and ln_post that --train_encoder_layers tuned) become ALPHA * tuned + (1 - ALPHA) * pretrained,
+the pretrained being the Whisper encoder the config names (e.g. bundled:whisper-tiny.en): a cheap
+way back toward Whisper's generality after fine-tuning on narrow data. The projector, the LoRA
+adapters and a fine-tuned LLM are left as they are; ALPHA 1 is the plain mean.
 
 Every safetensors file of the model dirs is averaged (model.safetensors, and llm/ when the LLM was
 fine-tuned); the other files (config, tokenizer) are copied from the first. The dirs must come from
@@ -24,7 +31,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loading import dequantize_int8, quantize_int8  # noqa: E402
+from loading import dequantize_int8, load_whisper, quantize_int8  # noqa: E402
 from model import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 
 
@@ -63,9 +70,26 @@ def model_config(model_dir: Path) -> dict:
     return {k: v for k, v in sorted(config.items()) if k not in TRAINING_ONLY}
 
 
-def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None):
+def interpolate_encoder(weights: dict[str, torch.Tensor], whisper_model: str, alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT: each trained encoder weight (encoder.*) -> alpha * it + (1 - alpha) * the pretrained
+    Whisper encoder's weight of that name; the other weights unchanged (float64, like the mean)."""
+    pretrained = load_whisper(whisper_model).state_dict()
+    encoder = [k for k in weights if k.startswith("encoder.")]
+    if not encoder:
+        raise SystemExit("error: --interpolate_encoder: these checkpoints trained no encoder weights "
+                         "(train_encoder_layers 0): nothing to interpolate")
+    for k in encoder:
+        if k not in pretrained or pretrained[k].shape != weights[k].shape:
+            raise SystemExit(f"error: --interpolate_encoder: {whisper_model} has no weight {k} of shape "
+                             f"{tuple(weights[k].shape)}")
+    return {k: alpha * v + (1 - alpha) * pretrained[k].double() if k.startswith("encoder.") else v
+            for k, v in weights.items()}
+
+
+def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None, encoder_alpha: float | None = None):
     """dtype: store the mean in this dtype (float16 halves a shipped model dir, int8 quarters it: one
-    scale per 64 weights of a matrix row, see loading.quantize_int8; loading casts back)."""
+    scale per 64 weights of a matrix row, see loading.quantize_int8; loading casts back).
+    encoder_alpha: interpolate the mean's encoder weights toward the pretrained Whisper encoder (WiSE-FT)."""
     configs = {json.dumps(model_config(d)) for d in dirs}
     if len(configs) != 1:
         raise SystemExit(f"error: {[str(d) for d in dirs]} were not trained with one configuration ({CONFIG_NAME} differ)")
@@ -79,6 +103,9 @@ def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None):
         if any(t.keys() != tensors[0].keys() for t in tensors):
             raise SystemExit(f"error: {name} holds different weights in {dirs}")
         mean = {k: sum(t[k].double() for t in tensors) / len(tensors) for k in tensors[0]}
+        if encoder_alpha is not None and name == Path(WEIGHTS_NAME):
+            mean = interpolate_encoder(mean, json.loads((dirs[0] / CONFIG_NAME).read_text())["whisper_model"],
+                                       encoder_alpha)
         if dtype == torch.int8:
             mean = quantize_int8({k: v.float() for k, v in mean.items()})
         else:
@@ -102,14 +129,19 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"], default=None,
                    help="store the averaged weights in this dtype (default: as trained)")
+    p.add_argument("--interpolate_encoder", type=float, default=None, metavar="ALPHA",
+                   help="WiSE-FT: trained encoder weights = ALPHA * tuned (the mean) + (1 - ALPHA) * pretrained Whisper")
     args = p.parse_args(argv)
     if bool(args.dirs) == bool(args.output_dir) or (args.output_dir and bool(args.last) == bool(args.best)):
         p.error("give an output_dir with one of --last N / --best N, or --dirs")
     if args.out.exists():
         p.error(f"{args.out} exists; choose another --out")
+    if args.interpolate_encoder is not None and not 0 <= args.interpolate_encoder <= 1:
+        p.error("--interpolate_encoder takes an ALPHA from 0 (pretrained) to 1 (tuned)")
     dirs = args.dirs or select(args.output_dir, args.last, args.best)
-    average_dirs(dirs, args.out, getattr(torch, args.dtype) if args.dtype else None)
-    print(f"averaged {len(dirs)} checkpoints ({', '.join(d.name for d in dirs)}) into {args.out}")
+    average_dirs(dirs, args.out, getattr(torch, args.dtype) if args.dtype else None, args.interpolate_encoder)
+    wise = "" if args.interpolate_encoder is None else f", encoder {args.interpolate_encoder} tuned + the rest pretrained"
+    print(f"averaged {len(dirs)} checkpoints ({', '.join(d.name for d in dirs)}) into {args.out}{wise}")
 
 
 if __name__ == "__main__":
