@@ -86,7 +86,10 @@ def words_from_tokens(token_texts: list[str], spans: list[tuple[int, int]], fram
         text = "".join(token_texts[i] for i in group).strip()
         if not text:
             continue
-        start, end = spans[group[0]][0], spans[group[-1]][1]
+        # a word ends with its last token that spells something: CTC places trailing punctuation late,
+        # often at the next word's onset (a word ending in "." measured 0.72 s long, others 0.14 s)
+        spoken = [i for i in group if any(c.isalnum() for c in token_texts[i])] or group
+        start, end = spans[spoken[0]][0], spans[spoken[-1]][1]
         words.append(Word(text, round(offset + start * seconds_per_frame, 3), round(offset + (end + 1) * seconds_per_frame, 3),
                           math.exp(sum(frame_log_probs[i] for i in group) / len(group)),
                           math.exp(sum(token_log_probs[i] for i in group) / len(group))))

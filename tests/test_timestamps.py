@@ -57,10 +57,11 @@ def test_tokens_that_cannot_fit_the_audio_are_an_error():
 
 def test_words_join_tokens_and_take_their_times_and_confidences():
     texts = [" Hel", "lo", ",", " wor", "ld", " !", " 42"]
-    spans = [(0, 1), (2, 2), (2, 2), (5, 6), (7, 7), (8, 8), (10, 11)]
+    spans = [(0, 1), (2, 2), (4, 4), (5, 6), (7, 7), (9, 9), (10, 11)]
     ctc, llm = [math.log(0.5)] * 7, [math.log(0.8)] * 7
     words = words_from_tokens(texts, spans, ctc, llm, seconds_per_frame=0.1, offset=30.0)
-    assert [(w.text, w.start, w.end) for w in words] == [("Hello,", 30.0, 30.3), ("world !", 30.5, 30.9), ("42", 31.0, 31.2)]
+    # trailing punctuation joins the word's text, not its time: CTC places it late
+    assert [(w.text, w.start, w.end) for w in words] == [("Hello,", 30.0, 30.3), ("world !", 30.5, 30.8), ("42", 31.0, 31.2)]
     assert words[0].confidence == pytest.approx(0.4)
     log_probs = posteriors([1, 1, 5, 2])
     assert aligned_log_probs(log_probs, [1, 2], [(0, 1), (3, 3)]) == pytest.approx([math.log(0.9)] * 2)
