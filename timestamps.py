@@ -73,12 +73,12 @@ def aligned_log_probs(log_probs: torch.Tensor, ids: list[int], spans: list[tuple
 
 def words_from_tokens(token_texts: list[str], spans: list[tuple[int, int]], frame_log_probs: list[float],
                       token_log_probs: list[float], seconds_per_frame: float, offset: float = 0.0) -> list[Word]:
-    """Tokens -> words: a token whose text starts with a space starts a word (as the repetition guard
-    joins them); tokens of whitespace or punctuation only join the word before. frame_log_probs: per
-    token, the mean CTC log-posterior of its aligned frames; token_log_probs: the LLM's per token."""
+    """Tokens -> words, the transcript's whitespace-separated words: a token whose text starts with a
+    space starts a word (as the repetition guard joins them). frame_log_probs: per token, the mean CTC
+    log-posterior of its aligned frames; token_log_probs: the LLM's per token."""
     groups = []  # token indices of each word
     for i, text in enumerate(token_texts):
-        if not groups or (text[:1].isspace() and any(c.isalnum() for c in text)):
+        if not groups or text[:1].isspace():
             groups.append([])
         groups[-1].append(i)
     words = []

@@ -61,7 +61,8 @@ def test_words_join_tokens_and_take_their_times_and_confidences():
     ctc, llm = [math.log(0.5)] * 7, [math.log(0.8)] * 7
     words = words_from_tokens(texts, spans, ctc, llm, seconds_per_frame=0.1, offset=30.0)
     # trailing punctuation joins the word's text, not its time: CTC places it late
-    assert [(w.text, w.start, w.end) for w in words] == [("Hello,", 30.0, 30.3), ("world !", 30.5, 30.8), ("42", 31.0, 31.2)]
+    assert [(w.text, w.start, w.end) for w in words] == [("Hello,", 30.0, 30.3), ("world", 30.5, 30.8), ("!", 30.9, 31.0),
+                                                         ("42", 31.0, 31.2)]
     assert words[0].confidence == pytest.approx(0.4)
     log_probs = posteriors([1, 1, 5, 2])
     assert aligned_log_probs(log_probs, [1, 2], [(0, 1), (3, 3)]) == pytest.approx([math.log(0.9)] * 2)
