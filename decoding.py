@@ -123,8 +123,8 @@ def llm_ids(model, batch: dict, inputs_embeds, head, options: DecodingOptions) -
     joint CTC scoring (needs the CTC head) and each utterance's token budget. -> (B, <= max budget)."""
     eos = model.prompt.eos_token_ids
     seconds = batch["mel_lengths"].float() / MEL_FRAMES_PER_SECOND  # (B,)
-    budgets = torch.tensor([token_budget(model.config, options, float(s)) for s in seconds],
-                           device=batch["input_ids"].device)  # (B,)
+    device = batch["input_ids"].device
+    budgets = torch.tensor([token_budget(model.config, options, float(s)) for s in seconds], device=device)  # (B,)
     processors = LogitsProcessorList()
     if options.max_repeats > 0:  # first: the other processors see the banned tokens as impossible
         processors.append(RepetitionGuard(options.max_repeats, token_text=model.prompt.token_text))

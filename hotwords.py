@@ -88,17 +88,16 @@ class HotwordBonus(LogitsProcessor):
         self.hotwords = hotwords
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        bonus = torch.zeros_like(scores)
         root = self.hotwords.root
+        taken_back, rows, tokens, values = [], [], [], []  # one tensor each for the whole batch
         for row, ids in enumerate(input_ids.tolist()):
             node, earned = self.hotwords.state(ids)
-            if not node.ends_phrase:  # leaving an unfinished phrase returns its bonus
-                bonus[row] -= earned
-            starts = list(root.children)
-            bonus[row, starts] = torch.tensor([child.weight for child in root.children.values()], dtype=scores.dtype,
-                                              device=scores.device) - (earned if not node.ends_phrase else 0.0)
-            if node is not root:
-                extend = list(node.children)
-                bonus[row, extend] = torch.tensor([child.weight for child in node.children.values()],
-                                                  dtype=scores.dtype, device=scores.device)
+            back = 0.0 if node.ends_phrase else earned  # leaving an unfinished phrase returns its bonus
+            weights = {token: child.weight - back for token, child in root.children.items()}  # begin a phrase
+            if node is not root:  # or go on with this one (wins over beginning one)
+                weights |= {token: child.weight for token, child in node.children.items()}
+            taken_back.append(back)
+            rows, tokens, values = rows + [row] * len(weights), tokens + list(weights), values + list(weights.values())
+        bonus = -torch.tensor(taken_back, dtype=scores.dtype, device=scores.device)[:, None].repeat(1, scores.shape[1])
+        bonus[rows, tokens] = torch.tensor(values, dtype=scores.dtype, device=scores.device)
         return scores + bonus

@@ -12,6 +12,7 @@ import torch
 from test_model import loud_projector, make_batch
 
 from decoding import CTCPrefixScorer, RepetitionGuard, TokenBudget
+from hotwords import HotwordBonus, Hotwords
 from model import SpeechLLM
 from train import move_buffers
 
@@ -40,7 +41,7 @@ def on_default_device(function, device: str):
 def only_our_code_on_meta(monkeypatch):
     """model -> the LLM's forward and generate under the CPU default; our logits processors, which
     generate() calls, back under "meta"."""
-    for processor in (CTCPrefixScorer, RepetitionGuard, TokenBudget):
+    for processor in (CTCPrefixScorer, RepetitionGuard, TokenBudget, HotwordBonus):
         monkeypatch.setattr(processor, "__call__", on_default_device(processor.__call__, "meta"))
 
     def patch(model):
@@ -59,6 +60,29 @@ def test_decoding_makes_every_tensor_on_its_inputs_device(ctc_model, mode, only_
     ids = out[0] if isinstance(out, tuple) else out
     assert ids.device.type == "cpu"
     torch.testing.assert_close(ids, expected[0] if isinstance(expected, tuple) else expected)
+
+
+def test_hotword_biasing_makes_every_tensor_on_its_inputs_device(ctc_model, only_our_code_on_meta):
+    batch = make_batch(ctc_model, [0.8, 1.9], inference=True)
+    options = dict(min_new_tokens=3, ctc_decode_weight=0.5, word_timestamps=True,
+                   hotwords=Hotwords.from_lines(["hello world 2.0", "Joe King"], ctc_model.tokenizer))
+    expected, _ = ctc_model.generate(**batch, **options)
+    only_our_code_on_meta(ctc_model)
+    with torch.device("meta"):
+        ids, details = ctc_model.generate(**batch, **options)
+    assert ids.device.type == "cpu" and torch.equal(ids, expected) and all(d["words"] for d in details)
+
+
+def test_hotword_bonus_is_the_same_made_under_meta(ctc_model):
+    """The bonus itself, which a random LLM's output would not show: a value made off the scores'
+    device would be dropped silently by the indexed assignment."""
+    bonus = HotwordBonus(Hotwords.from_lines(["Joe King"], ctc_model.tokenizer))
+    joe = ctc_model.tokenizer(" Joe", add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([joe, [0] * len(joe)])
+    on_cpu = bonus(rows, torch.zeros(2, len(ctc_model.tokenizer)))
+    with torch.device("meta"):
+        assert torch.equal(bonus(rows, torch.zeros(2, len(ctc_model.tokenizer), device="cpu")), on_cpu)
+    assert on_cpu[0].max() > 0  # " King" extends the phrase
 
 
 @pytest.mark.parametrize("spec_augment", [False, True])
