@@ -1,17 +1,22 @@
 """Data: jsonl manifests, the check pass over a data set, the dataset and collator, batching and
 length-grouped sampling (a fixed number of utterances per batch, or as many as fit a budget of seconds).
-Audio itself (loading, log-mel, pieces of long recordings) is audio.py's."""
+Audio itself (loading, log-mel, pieces of long recordings) is audio.py's. What this needs of a model
+comes as values (DataSpec, made by SpeechLLM.data_spec()): nothing here touches the model.
+"""
 import json
 import math
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import whisper
 
 from audio import N_SAMPLES_30S, SAMPLE_RATE, BadAudio, audio_problem, load_entry_audio, log_mel, segment_problem
+from prompt import ChatPrompt
 
 class InputError(ValueError):
     """Bad input the user has to fix: the CLIs print the message (it names file:line) and exit 1."""
@@ -74,7 +79,19 @@ def json_lines(path: Path):
             yield where, value
 
 
-def text_problem(entry: dict, model, max_audio_seconds: float) -> str | None:
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data pipeline needs of a model, as values: the check pass, the datasets and the
+    collator take this, never the model, so they do not change when the model's insides do."""
+    prompt: ChatPrompt  # an utterance's token ids: (instruction, audio token count, transcript) -> ids, masks, labels
+    num_audio_tokens: Callable[[int], int]  # log-mel frames -> the audio tokens the projector makes of them
+    instruction: str  # the default; an entry's own "instruction" wins
+    n_mels: int  # the encoder's input
+    pad_to_30s: bool  # every clip padded to a multiple of 30 s before its log-mel (Whisper's native input)
+    max_positions: int  # the LLM's context: a longer training sequence cannot be trained on
+
+
+def text_problem(entry: dict, spec: DataSpec, max_audio_seconds: float) -> str | None:
     """Why an entry cannot be trained on, besides its audio; None if it can."""
     if entry["duration"] > max_audio_seconds:
         return f"longer than {max_audio_seconds:g} s"
@@ -83,35 +100,37 @@ def text_problem(entry: dict, model, max_audio_seconds: float) -> str | None:
     # non-string txt is a mistake in the manifest.
     if not isinstance(txt, str):
         return "no transcript"
-    entry["num_tokens"] = sequence_length(entry, model, txt)  # for --batch_seconds' token cap
-    if entry["num_tokens"] > model.llm.config.max_position_embeddings:
-        return f"longer than the LLM's context ({model.llm.config.max_position_embeddings} tokens)"
+    entry["num_tokens"] = sequence_length(entry, spec, txt)  # for --batch_seconds' token cap
+    if entry["num_tokens"] > spec.max_positions:
+        return f"longer than the LLM's context ({spec.max_positions} tokens)"
     return None
 
 
-def sequence_length(entry: dict, model, txt: str | None) -> int:
+def sequence_length(entry: dict, spec: DataSpec, txt: str | None) -> int:
     """The LLM positions an entry takes: its chat prompt with its audio tokens, and txt (None: no transcript)."""
-    instruction = entry.get("instruction") or model.config.instruction
-    return len(model.prompt(instruction, model.num_audio_tokens(num_mel_frames(entry, model)), txt)["input_ids"])
+    instruction = entry.get("instruction") or spec.instruction
+    num_audio_tokens = spec.num_audio_tokens(num_mel_frames(entry["duration"], spec.pad_to_30s))
+    return len(spec.prompt(instruction, num_audio_tokens, txt)["input_ids"])
 
 
-def num_mel_frames(entry: dict, model) -> int:
-    """The log-mel length of an entry from its duration (within a frame of load_audio + log_mel)."""
-    num_samples = round(entry["duration"] * SAMPLE_RATE)
-    if model.config.pad_to_30s:
+def num_mel_frames(seconds: float, pad_to_30s: bool) -> int:
+    """The log-mel length of `seconds` of audio (within a frame of load_audio + log_mel)."""
+    num_samples = round(seconds * SAMPLE_RATE)
+    if pad_to_30s:
         return max(1, math.ceil(num_samples / N_SAMPLES_30S)) * whisper.audio.N_FRAMES
     return num_samples // whisper.audio.HOP_LENGTH
 
 
-def check_entries(entries: list[dict], model, for_training: bool, max_audio_seconds: float = 30.0):
+def check_entries(entries: list[dict], spec: DataSpec | None, for_training: bool, max_audio_seconds: float = 30.0):
     """The one check pass before any work starts (train.py and recognize.py): every audio header is
     read once (in threads: on network storage a header read is a round trip), and for training the
-    length and the transcript are checked too. -> (usable entries, problems: entries with a "reason").
-    Decoding errors a header cannot show are caught again where the audio is loaded (SpeechDataset)."""
+    length and the transcript are checked too (against spec; recognition needs none: None).
+    -> (usable entries, problems: entries with a "reason"). Decoding errors a header cannot show are
+    caught again where the audio is loaded (SpeechDataset)."""
     with ThreadPoolExecutor(16) as pool:
         reasons = list(pool.map(audio_problem, entries))
     if for_training:
-        reasons = [reason or text_problem(e, model, max_audio_seconds) for e, reason in zip(entries, reasons)]
+        reasons = [reason or text_problem(e, spec, max_audio_seconds) for e, reason in zip(entries, reasons)]
     usable = [e for e, reason in zip(entries, reasons) if reason is None]
     problems = [dict(e, reason=reason) for e, reason in zip(entries, reasons) if reason is not None]
     return usable, problems
@@ -145,8 +164,8 @@ class Collator:
     """Pads features to the batch's longest utterance and tokens to the batch's longest prompt.
     Training: right padding, labels. Inference: left padding (generation appends on the right)."""
 
-    def __init__(self, model, inference: bool = False, pad_text_to: int | None = None):
-        self.prompt, self.num_audio_tokens = model.prompt, model.num_audio_tokens
+    def __init__(self, spec: DataSpec, inference: bool = False, pad_text_to: int | None = None):
+        self.prompt, self.num_audio_tokens = spec.prompt, spec.num_audio_tokens
         self.inference = inference
         self.pad_text_to = pad_text_to  # West v0 pads every sample to 512 tokens; kept to measure what that costs
 

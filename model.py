@@ -9,6 +9,7 @@ a batch's layout in prompt.py, and decoding (options, strategies, guards, confid
 """
 import contextlib
 import copy
+import functools
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -24,6 +25,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audio import spec_augment
+from data import Collator, DataSpec
 from decoding import CTCLogits, DecodingOptions, decode, decoding_options, transcripts
 from loading import dequantize_int8, load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
 from projectors import PROJECTOR_TYPES
@@ -296,6 +298,15 @@ class SpeechLLM(nn.Module):
     def num_audio_tokens(self, num_mel_frames: int) -> int:
         return num_audio_tokens(num_mel_frames, self.config.projector_kernel)
 
+    def data_spec(self) -> DataSpec:
+        """What data.py needs of this model, as values. Made when asked: a later change to the config
+        (recognize.py --instruction) is in the next one."""
+        return DataSpec(prompt=self.prompt,
+                        # the module function, not the bound method: the spec holds no reference to the model
+                        num_audio_tokens=functools.partial(num_audio_tokens, kernel=self.config.projector_kernel),
+                        instruction=self.config.instruction, n_mels=self.n_mels, pad_to_30s=self.config.pad_to_30s,
+                        max_positions=self.llm.config.max_position_embeddings)
+
     def encode_audio(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
         """mel: (B, n_mels, T) -> audio_embeds: (sum of num_audio_tokens over the batch, llm_dim).
         Audio longer than 30 s is encoded as consecutive 30 s windows whose tokens are concatenated."""
@@ -417,7 +428,6 @@ class SpeechLLM(nn.Module):
         words (timestamps.Word) timed from the start of their audio. hotwords: phrases to favour
         ("phrase" or "phrase weight", as recognize.py --hotwords reads them)."""
         from audio import SAMPLE_RATE, load_audio, log_mel, long_audio_pieces
-        from data import Collator
         from hotwords import Hotwords
 
         options = replace(decoding_options(options, **kwargs), return_confidence=False)  # text only: see generate()
@@ -429,7 +439,7 @@ class SpeechLLM(nn.Module):
             samples = load_audio(item) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.float32)
             spans = long_audio_pieces(samples, chunk_seconds) if chunk_seconds else [(0, len(samples))]
             pieces += [(index, a / SAMPLE_RATE, samples[a:b]) for a, b in spans]
-        collate = Collator(self, inference=True)
+        collate = Collator(self.data_spec(), inference=True)
         texts, words = [[] for _ in items], [[] for _ in items]
         for start in range(0, len(pieces), batch_size):
             chunk = pieces[start:start + batch_size]

@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 from compute_wer import format_report, score
 from audio import SAMPLE_RATE, BadAudio, load_entry_audio, long_audio_pieces
-from data import Collator, InputError, SpeechDataset, check_entries, count_reasons, default_batch_tokens, pack_batches, read_jsonl, sequence_length
+from data import (Collator, DataSpec, InputError, SpeechDataset, check_entries, count_reasons, default_batch_tokens,
+                  pack_batches, read_jsonl, sequence_length)
 from decoding import DecodingOptions, token_budget, transcripts
 from decoding import decode as decode_batch
 from hotwords import Hotwords
-from model import CONFIG_NAME, SpeechLLM
+from model import CONFIG_NAME, SpeechLLM, SpeechLLMConfig
 from shards import ShardDataset, collate_with_position, expand_shards, index_entries, is_shard_spec, read_indexes
 from timestamps import Word, ctm_lines, srt, subtitle_cues, vtt
 
@@ -267,8 +268,8 @@ class CollatorKeepingErrors:
     """-> (keys, inference batch or None, {key: reason}): an utterance whose audio failed to load is
     left out of the batch and comes back as an error."""
 
-    def __init__(self, model):
-        self.collate = Collator(model, inference=True)
+    def __init__(self, spec: DataSpec):
+        self.collate = Collator(spec, inference=True)
 
     def __call__(self, items: list[dict]):
         good = [item for item in items if "error" not in item]
@@ -279,16 +280,17 @@ class CollatorKeepingErrors:
 def decode(model, entries: list[dict], args, device: str, rank: int, world_size: int, partial: Path,
            shards: list[str] | None = None):
     """Decode this rank's share of `entries` (longest first), appending each batch's records to `partial`."""
+    spec = model.data_spec()
     if shards:
-        loader, total = shard_batches(model, shards, {e["key"] for e in entries}, args, rank, world_size), None
+        loader, total = shard_batches(spec, model.config, shards, {e["key"] for e in entries}, args, rank, world_size), None
     else:
         # Longest first: batches of similar length waste little padding, and memory peaks at once. Whole
         # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
         entries = sorted(split_long_entries(entries, args.chunk_seconds), key=lambda e: -e["duration"])
         seconds = {e["key"]: e["duration"] for e in entries}
-        dataset = SpeechDataset(entries, model.n_mels, model.config.instruction, model.config.pad_to_30s)
-        batches = decoding_batches(model, entries, args)[rank::world_size]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(model),
+        dataset = SpeechDataset(entries, spec.n_mels, spec.instruction, spec.pad_to_30s)
+        batches = decoding_batches(spec, model.config, entries, args)[rank::world_size]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(spec),
                                              num_workers=1)
         total = sum(map(len, batches))
     with open_partial(partial) as f, tqdm(total=total, unit="utt", disable=rank != 0) as progress:
@@ -310,28 +312,29 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
             progress.update(len(keys) + len(errors))
 
 
-def shard_batches(model, shards: list[str], todo: set[str], args, rank: int, world_size: int):
+def shard_batches(spec: DataSpec, config: SpeechLLMConfig, shards: list[str], todo: set[str], args, rank: int, world_size: int):
     """(keys, batch, errors) of this rank's shards (shards rank, rank + world_size, ...), streamed in
     their order, grouped by duration within each buffer; only the utterances in `todo`."""
     def count_tokens(entry):  # for --batch_tokens; never a reason to skip
-        entry["num_tokens"] = decoding_tokens(model, entry, args)
+        entry["num_tokens"] = decoding_tokens(spec, config, entry, args)
 
-    dataset = ShardDataset(shards, model.n_mels, model.config.instruction, model.config.pad_to_30s,
+    dataset = ShardDataset(shards, spec.n_mels, spec.instruction, spec.pad_to_30s,
                            batch_size=args.batch_size, batch_seconds=args.batch_seconds, batch_tokens=args.batch_tokens,
                            shuffle=False, epochs=1, rank=rank, world_size=world_size, keys=todo,
                            chunk_seconds=args.chunk_seconds, check=count_tokens)
-    collate = CollatorKeepingErrors(model)
+    collate = CollatorKeepingErrors(spec)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1,
                                          collate_fn=lambda batch: collate_with_position(collate, batch))
     return (batch for batch, _ in loader)
 
 
-def decoding_tokens(model, entry: dict, args) -> int:
-    """The LLM sequence an utterance may grow to: its prompt with its audio tokens and its token budget."""
-    return sequence_length(entry, model, None) + token_budget(model.config, args.decoding, entry["duration"])
+def decoding_tokens(spec: DataSpec, config: SpeechLLMConfig, entry: dict, args) -> int:
+    """The LLM sequence an utterance may grow to: its prompt with its audio tokens and its token budget
+    (from the model's config)."""
+    return sequence_length(entry, spec, None) + token_budget(config, args.decoding, entry["duration"])
 
 
-def decoding_batches(model, entries: list[dict], args) -> list[list[int]]:
+def decoding_batches(spec: DataSpec, config: SpeechLLMConfig, entries: list[dict], args) -> list[list[int]]:
     """Consecutive indices of `entries` (longest first): --batch_size at a time, or with --batch_seconds
     as many as fit its padded seconds and --batch_tokens (the LLM sequence being the prompt with its
     audio tokens and the utterance's token budget: what the KV cache grows to)."""
@@ -340,7 +343,7 @@ def decoding_batches(model, entries: list[dict], args) -> list[list[int]]:
     if not args.batch_seconds:
         return [list(range(i, min(i + args.batch_size, len(entries)))) for i in range(0, len(entries), args.batch_size)]
     seconds = [e["duration"] for e in entries]
-    tokens = [decoding_tokens(model, e, args) for e in entries]
+    tokens = [decoding_tokens(spec, config, e, args) for e in entries]
     max_tokens = args.batch_tokens or default_batch_tokens(seconds, tokens, args.batch_seconds)
     return pack_batches(list(range(len(entries))), seconds, tokens, args.batch_seconds, max_tokens)
 
@@ -398,7 +401,7 @@ def main(argv=None):
     if args.hotwords:
         args.decoding = replace(args.decoding, hotwords=read_hotwords(args.hotwords, model.tokenizer))
     # shards: the index holds the durations; unusable audio is reported as it is decoded
-    usable, problems = (entries, []) if shards else check_entries(entries, model, for_training=False)
+    usable, problems = (entries, []) if shards else check_entries(entries, None, for_training=False)
 
     result_path = Path(args.result_path)
     done = read_partials(result_path)

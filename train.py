@@ -25,8 +25,8 @@ from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_de
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import get_last_checkpoint, seed_worker
 
-from data import (Collator, DurationBatchSampler, InputError, LengthGroupedSampler, SpeechDataset, check_entries,
-                  count_reasons, read_jsonl, text_problem)
+from data import (Collator, DataSpec, DurationBatchSampler, InputError, LengthGroupedSampler, SpeechDataset,
+                  check_entries, count_reasons, read_jsonl, text_problem)
 from decoding import DecodingOptions, transcript_token_rate
 from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, option
 from shards import (ShardDataset, TrackedLoader, collate_with_position, estimate_batches, expand_shards,
@@ -126,11 +126,11 @@ def prepare_output_dir(args: TrainingArguments, overwrite: bool):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def checked_entries(path: str, entries: list[dict], model, data_args: DataArguments, skipped_log: Path,
+def checked_entries(path: str, entries: list[dict], spec: DataSpec, data_args: DataArguments, skipped_log: Path,
                     is_main: bool) -> list[dict]:
     """The shared check pass over path's entries: unusable utterances are skipped (appended to skipped_log
     with their reason, counted in a summary), or with --strict stop the run before any training step."""
-    usable, problems = check_entries(entries, model, for_training=True, max_audio_seconds=data_args.max_audio_seconds)
+    usable, problems = check_entries(entries, spec, for_training=True, max_audio_seconds=data_args.max_audio_seconds)
     counts = count_reasons(p["reason"] for p in problems)
     if problems and data_args.strict:
         listing = "\n".join(f"  {p['where']}: {p['wav']}: {p['reason']}" for p in problems[:20])
@@ -208,11 +208,12 @@ def shard_dataset(path: str, model, data_args: DataArguments, args: TrainingArgu
     if not sample:
         raise InputError(f"{path}: no transcript in the shards' index")
     model.config.max_tokens_per_second, model.config.max_tokens_extra = training_token_rate(model, sample)
+    spec = model.data_spec()
     dataset = ShardDataset(
-        shards, model.n_mels, model.config.instruction, model.config.pad_to_30s, batch_size=args.per_device_train_batch_size,
+        shards, spec.n_mels, spec.instruction, spec.pad_to_30s, batch_size=args.per_device_train_batch_size,
         batch_seconds=data_args.batch_seconds, batch_tokens=data_args.batch_tokens, length_grouped=data_args.length_grouped,
         buffer_size=data_args.shuffle_buffer, seed=args.seed, rank=args.process_index, world_size=args.world_size,
-        check=partial(text_problem, model=model, max_audio_seconds=data_args.max_audio_seconds),
+        check=partial(text_problem, spec=spec, max_audio_seconds=data_args.max_audio_seconds),
         on_error=partial(report_skip, skipped_log=skipped_log, strict=data_args.strict), resume=resume)
     if args.max_steps <= 0:
         batches = estimate_batches(durations, data_args.shuffle_buffer,
@@ -449,9 +450,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
         skipped_log.parent.mkdir(parents=True, exist_ok=True)
         skipped_log.unlink(missing_ok=True)  # this run's skips only
 
+    spec = model.data_spec()
+
     def dataset(path):
-        entries = checked_entries(path, manifests[path], model, data_args, skipped_log, args.process_index == 0)
-        return SkippingDataset(entries, model.n_mels, config.instruction, config.pad_to_30s,
+        entries = checked_entries(path, manifests[path], spec, data_args, skipped_log, args.process_index == 0)
+        return SkippingDataset(entries, spec.n_mels, spec.instruction, spec.pad_to_30s,
                                skipped_log=skipped_log, strict=data_args.strict)
 
     last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
                   flush=True)
     trainer = SpeechLLMTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=Collator(model, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
+        data_collator=Collator(spec, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
         train_batch_sampler=train_batch_sampler,
         cpu_bf16_autocast=cpu_bf16_autocast_wanted(run_args.cpu_bf16_autocast),
         encoder_learning_rate=run_args.encoder_learning_rate, data_resume=data_resume, callbacks=callbacks)

@@ -1,14 +1,18 @@
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import synth_audio
+from conftest import ROOT, synth_audio, write_corpus
 
 from audio import load_audio, log_mel
-from data import Collator, DurationBatchSampler, LengthGroupedSampler, pack_batches, read_jsonl
+from data import (Collator, DataSpec, DurationBatchSampler, LengthGroupedSampler, SpeechDataset, check_entries,
+                  pack_batches, read_jsonl)
+from prompt import ChatPrompt
 
 
 def test_read_jsonl_resolves_paths_and_keys(tmp_path):
@@ -68,15 +72,38 @@ def test_log_mel_lengths():
 def test_collator_pads_to_batch_maximum_not_model_max_length(tiny_model):
     items = [dict(mel=log_mel(synth_audio(i, s), 80), txt=t, instruction="Transcribe the speech.")
              for i, (s, t) in enumerate([(1.0, "a"), (0.5, "a much longer transcript than the other one")])]
-    train = Collator(tiny_model)(items)
+    train = Collator(tiny_model.data_spec())(items)
     assert train["mel"].shape == (2, 80, 100) and train["mel_lengths"].tolist() == [100, 50]
     assert torch.all(train["mel"][1, :, 50:] == 0)
     longest = max(len(tiny_model.prompt(i["instruction"], tiny_model.num_audio_tokens(i["mel"].shape[-1]), i["txt"])
                       ["input_ids"]) for i in items)
     assert train["input_ids"].shape[1] == longest
     assert train["attention_mask"][:, 0].all()  # right padding for training
-    infer = Collator(tiny_model, inference=True)(items)
+    infer = Collator(tiny_model.data_spec(), inference=True)(items)
     assert "labels" not in infer and infer["attention_mask"][:, -1].all()  # left padding for generation
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_llm_dir) -> DataSpec:
+    """What data.py needs of a model, made without one: a tokenizer's chat prompt and a token count."""
+    from transformers import AutoTokenizer
+    return DataSpec(prompt=ChatPrompt(AutoTokenizer.from_pretrained(tiny_llm_dir)),
+                    num_audio_tokens=lambda frames: frames // 20, instruction="Transcribe the speech.", n_mels=80,
+                    pad_to_30s=False, max_positions=100)
+
+
+def test_the_check_pass_and_the_collator_take_their_model_settings_as_values(tmp_path, spec):
+    jsonl = write_corpus(tmp_path, ["a", "hello " * 100], [1.0, 1.0])
+    usable, problems = check_entries(read_jsonl(jsonl), spec, for_training=True)
+    assert [(p["key"], p["reason"]) for p in problems] == [("utt1", "longer than the LLM's context (100 tokens)")]
+    expected = spec.prompt(spec.instruction, 5, "a")["input_ids"]  # 1 s: 100 log-mel frames, 5 audio tokens
+    assert [e["key"] for e in usable] == ["utt0"] and usable[0]["num_tokens"] == len(expected)
+    batch = Collator(spec)([SpeechDataset(usable, spec.n_mels, spec.instruction)[0]])
+    assert batch["audio_mask"].sum() == 5 and batch["input_ids"][0].tolist() == expected
+    # data.py's one direction: it is imported without the model (model.py imports data.py)
+    imports = subprocess.run([sys.executable, "-c", "import sys, data; print('model' in sys.modules)"], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+    assert imports.stdout.strip() == "False"
 
 
 def test_length_grouped_sampler_groups_and_is_deterministic():

@@ -330,14 +330,14 @@ def test_recognize_writes_confidence_and_decodes_with_ctc(ctc_model, tmp_path):
     from data import Collator
     items = [dict(mel=log_mel(load_audio(str(tmp_path / "data" / f"utt{i}.wav")), 80), instruction=model.config.instruction)
              for i in range(3)]
-    ids, confidence = model.generate(**Collator(model, inference=True)(items), max_new_tokens=6, ctc_decode_weight=0.3,
+    ids, confidence = model.generate(**Collator(model.data_spec(), inference=True)(items), max_new_tokens=6, ctc_decode_weight=0.3,
                                      return_confidence=True)
     assert transcripts(model, ids) == [hyps[f"utt{i}"] for i in range(3)]
     for line, expected in zip(lines, confidence):
         assert line.pop("key") and line == pytest.approx(expected, abs=2e-3)
 
     ctc_hyps = recognize.main(common + ["--result_path", str(tmp_path / "ctc.txt"), "--decode", "ctc"])
-    ctc_texts = transcripts(model, model.generate(**Collator(model, inference=True)(items), decode="ctc"))
+    ctc_texts = transcripts(model, model.generate(**Collator(model.data_spec(), inference=True)(items), decode="ctc"))
     assert [ctc_hyps[f"utt{i}"] for i in range(3)] == [" ".join(t.split()) for t in ctc_texts]
 
 
@@ -380,7 +380,7 @@ def test_recognize_batch_seconds_decodes_as_batch_size_and_a_segment_as_its_cut_
     assert by_seconds == fixed and len(fixed) == 8
     assert fixed["segment"] == fixed["cut"]
 
-    entries, _ = check_entries(read_jsonl(jsonl), ctc_model, for_training=False)
+    entries, _ = check_entries(read_jsonl(jsonl), None, for_training=False)
     entries = sorted(entries, key=lambda e: -e["duration"])
     args = SimpleNamespace(batch_seconds=3.0, batch_tokens=500, batch_size=16, decoding=DecodingOptions(max_new_tokens=6))
     batches = recognize.decoding_batches(ctc_model, entries, args)

@@ -17,7 +17,7 @@ def make_batch(model, seconds, transcripts=None, inference=False, instruction=IN
     transcripts = transcripts or ["hello"] * len(seconds)
     items = [dict(mel=log_mel(synth_audio(i, s), model.n_mels, model.config.pad_to_30s), txt=t,
                   instruction=instruction) for i, (s, t) in enumerate(zip(seconds, transcripts))]
-    return on_device(Collator(model, inference=inference)(items), model.device)
+    return on_device(Collator(model.data_spec(), inference=inference)(items), model.device)
 
 
 def on_device(batch: dict, device) -> dict:
@@ -217,7 +217,7 @@ def mixed_batch(model):
     instructions = [INSTRUCTION, INSTRUCTION, "Write down what is said."]
     items = [dict(mel=log_mel(synth_audio(i, s), model.n_mels), instruction=instruction)
              for i, (s, instruction) in enumerate(zip([0.8, 2.6, 1.7], instructions))]
-    return on_device(Collator(model, inference=True)(items), model.device)
+    return on_device(Collator(model.data_spec(), inference=True)(items), model.device)
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])

@@ -65,7 +65,7 @@ def test_segments_are_what_the_model_gets(kaldi_dir, tmp_path, tiny_model):
     entries = read_jsonl(out)
     # the check pass: durations are the segments', so a 2 s segment of a 32 s file trains (<= 30 s);
     # too short and beyond-the-end segments are skipped with their reasons
-    usable, problems = check_entries(entries, tiny_model, for_training=True)
+    usable, problems = check_entries(entries, tiny_model.data_spec(), for_training=True)
     assert {e["key"]: e["duration"] for e in usable} == {"seg1": 1.75, "seg2": 2.5, "seg3": 1.0}
     assert {p["key"]: p["reason"] for p in problems} == {
         "seg_tiny": "too short", "seg_late": "segment beyond the end of the audio (32.00 s)"}

@@ -108,7 +108,7 @@ def test_check_pass_gives_each_bad_entry_its_reason(tmp_path, tiny_model):
         {"key": "huge_txt", "wav": "utt0.wav", "txt": "hello " * 5000},
     ])
     entries = read_jsonl(jsonl)
-    usable, problems = check_entries(entries, tiny_model, for_training=True)
+    usable, problems = check_entries(entries, tiny_model.data_spec(), for_training=True)
     # a blank transcript is a target ("nothing was said": silence and noise clips)
     assert [e["key"] for e in usable] == ["utt0", "utt1", "damaged.flac", "blank_txt"]
     assert [e["duration"] for e in usable] == [1.0, 1.5, 2.0, 1.0]  # from the header
@@ -119,7 +119,7 @@ def test_check_pass_gives_each_bad_entry_its_reason(tmp_path, tiny_model):
     assert all(p["where"] == f"{jsonl}:{i}" for p in problems for i, e in enumerate(entries, 1) if e["key"] == p["key"])
 
     # the same pass for recognition: only unreadable audio is a problem (long audio is windowed)
-    usable, problems = check_entries(read_jsonl(jsonl), tiny_model, for_training=False)
+    usable, problems = check_entries(read_jsonl(jsonl), None, for_training=False)
     assert {p["key"]: p["reason"] for p in problems} == {
         k: v for k, v in training_reasons.items() if k in bad_audio and v}
     # the damaged FLAC passes the header check; loading it is what fails
@@ -140,7 +140,7 @@ def test_long_audio_is_encoded_window_by_window_not_truncated(tiny_model):
                    for s in (0, 3000, 6000)]
     assert whole.shape == (650, tiny_model.llm.config.hidden_size)
     torch.testing.assert_close(whole, torch.cat(windows), rtol=1e-5, atol=1e-5)
-    batch = Collator(tiny_model, inference=True)([dict(mel=mel, instruction="Transcribe the speech.")])
+    batch = Collator(tiny_model.data_spec(), inference=True)([dict(mel=mel, instruction="Transcribe the speech.")])
     assert batch["audio_mask"].sum() == 650  # the whole clip reaches the prompt
 
 

@@ -226,7 +226,7 @@ def measure_training(args, setting: Setting) -> dict:
     else:  # the Trainer's default: a random permutation
         order = random.Random(args.seed).sample(range(len(clips)), len(clips))
     batches = [order[i:i + setting.batch_size] for i in range(0, len(order), setting.batch_size)]
-    collate = Collator(model, pad_text_to=setting.pad_text_to)
+    collate = Collator(model.data_spec(), pad_text_to=setting.pad_text_to)
     trainable = model.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
 
@@ -267,14 +267,14 @@ def measure_batching(args, setting: Setting) -> dict:
     model.train()
     items = [dict(mel=log_mel(c["audio"], model.n_mels), txt=c["txt"], instruction=model.config.instruction)
              for c in clips]
-    seconds = [c["seconds"] for c in clips]
+    seconds, spec = [c["seconds"] for c in clips], model.data_spec()
     if setting.batch_seconds:
-        tokens = [sequence_length(dict(duration=c["seconds"]), model, c["txt"]) for c in clips]
+        tokens = [sequence_length(dict(duration=c["seconds"]), spec, c["txt"]) for c in clips]
         batches = list(DurationBatchSampler(seconds, tokens, setting.batch_seconds, seed=args.seed))
     else:
         order = list(LengthGroupedSampler(seconds, setting.batch_size, seed=args.seed))
         batches = [order[i:i + setting.batch_size] for i in range(0, len(order), setting.batch_size)]
-    collate = Collator(model)
+    collate = Collator(spec)
     optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=1e-4)
     train_step(model, optimizer, collate([items[i] for i in batches[0]]), setting, autocast)  # warm-up
     elapsed, frames, tokens_used = 0.0, [0, 0], [0, 0]  # [real, padded]

@@ -58,7 +58,7 @@ def mels_only(batch):
 
 def jsonl_loader(jsonl: Path, workers: int, batch_seconds: float):
     """train.py's pipeline for a jsonl: the check pass, duration batches, SpeechDataset in the workers."""
-    entries, _ = check_entries(read_jsonl(jsonl), model=None, for_training=False)
+    entries, _ = check_entries(read_jsonl(jsonl), None, for_training=False)
     sampler = DurationBatchSampler([e["duration"] for e in entries], [0] * len(entries), batch_seconds,
                                    max_tokens=10**9)
     dataset = SpeechDataset(entries, 80, "Transcribe.")

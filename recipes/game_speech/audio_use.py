@@ -39,7 +39,7 @@ def main(argv=None):
     mels = [log_mel(load_entry_audio(e), model.n_mels, model.config.pad_to_30s) for e in entries]
     own = [dict(mel=mel, txt=e["txt"], instruction=model.config.instruction) for mel, e in zip(mels, entries)]
     neighbours = [dict(item, mel=mels[(i + 1) % len(mels)]) for i, item in enumerate(own)]
-    collate = Collator(model)
+    collate = Collator(model.data_spec())
     own_loss, other_loss = mean_loss(model, collate, own, args.batch_size), mean_loss(model, collate, neighbours, args.batch_size)
     print(f"{args.model_dir}: loss with own audio {own_loss:.3f}, with a neighbour's audio {other_loss:.3f}, "
           f"gap {other_loss - own_loss:.3f} nats/token ({len(entries)} utterances)")

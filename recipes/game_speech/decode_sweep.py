@@ -92,7 +92,7 @@ def run_setting(model, entries, flags: dict, result_path: Path, batch_size: int,
     for name, value in flags.items():
         argv += [f"--{name}", str(value)]
     args = recognize.parse_args(argv)
-    usable, problems = check_entries(entries, model, for_training=False)
+    usable, problems = check_entries(entries, None, for_training=False)
     start = time.perf_counter()
     recognize.decode(model, usable, args, device, 0, 1, Path(f"{result_path}.partial0"))
     elapsed = time.perf_counter() - start

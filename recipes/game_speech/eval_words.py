@@ -101,7 +101,7 @@ def decode_with_words(args) -> dict[str, dict]:
                                   result, "--confidence", "--timestamps", "--device", "cpu"])
     model = load_model(args.model_dir)
     entries = read_jsonl(args.data_path)
-    usable, problems = check_entries(entries, model, for_training=False)
+    usable, problems = check_entries(entries, None, for_training=False)
     done = recognize.read_partials(Path(result))
     recognize.decode(model, [e for e in usable if e["key"] not in done], rargs, "cpu", 0, 1, Path(f"{result}.partial0"))
     records = recognize.read_partials(Path(result))
