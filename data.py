@@ -1,7 +1,8 @@
-"""Data: jsonl manifests, the check pass over a data set, the dataset and collator, batching and
-length-grouped sampling (a fixed number of utterances per batch, or as many as fit a budget of seconds).
-Audio itself (loading, log-mel, pieces of long recordings) is audio.py's. What this needs of a model
-comes as values (DataSpec, made by SpeechLLM.data_spec()): nothing here touches the model.
+"""Data: jsonl manifests, the check pass over a data set, the dataset (and what it does with audio
+that fails to load) and collator, batching and length-grouped sampling (a fixed number of utterances
+per batch, or as many as fit a budget of seconds). Audio itself (loading, log-mel, pieces of long
+recordings) is audio.py's. What this needs of a model comes as values (DataSpec, made by
+SpeechLLM.data_spec()): nothing here touches the model.
 """
 import json
 import math
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import whisper
 
@@ -126,7 +128,7 @@ def check_entries(entries: list[dict], spec: DataSpec | None, for_training: bool
     read once (in threads: on network storage a header read is a round trip), and for training the
     length and the transcript are checked too (against spec; recognition needs none: None).
     -> (usable entries, problems: entries with a "reason"). Decoding errors a header cannot show are
-    caught again where the audio is loaded (SpeechDataset)."""
+    caught again where the audio is loaded (load_item)."""
     with ThreadPoolExecutor(16) as pool:
         reasons = list(pool.map(audio_problem, entries))
     if for_training:
@@ -141,23 +143,49 @@ def count_reasons(reasons) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in Counter(reasons).most_common())
 
 
+# ----------------------------------------------------------------------------------------
+# Loading, and audio that fails to load: the check pass reads headers only, so a file can still
+# fail here (corrupt data behind a good header). Both datasets (SpeechDataset; shards.ShardDataset)
+# turn it into an item {key, error}, and then follow their on_error:
+#   None (recognition): the item goes on to CollatorKeepingErrors, and the utterance gets its result
+#     line, empty, with its reason in the errors file: nothing is dropped silently.
+#   a function (training: train.report_skip logs and counts it, or stops the run with --strict): it is
+#     called with the entry and its "reason", and the clip is not trained on.
+
+
+def load_item(entry: dict, n_mels: int, default_instruction: str, pad_to_30s: bool = False,
+              load: Callable[[dict], np.ndarray] = load_entry_audio) -> dict:
+    """An entry -> {key, mel, txt, instruction}, or {key, error} when its audio (load(entry)) fails to load."""
+    try:
+        samples = load(entry)
+    except BadAudio as e:
+        return dict(key=entry["key"], error=str(e))
+    return dict(key=entry["key"], mel=log_mel(samples, n_mels, pad_to_30s), txt=entry.get("txt"),
+                instruction=entry.get("instruction") or default_instruction)
+
+
 class SpeechDataset(torch.utils.data.Dataset):
-    def __init__(self, entries: list[dict], n_mels: int, default_instruction: str, pad_to_30s: bool = False):
+    """Items (load_item) of a list of entries. With on_error, a clip that fails to load is reported and
+    the next one takes its place, so every batch stays full (a DDP rank short of a batch would hang
+    the others). Reading every file up front instead would cost a full pass over the audio before the
+    first step."""
+
+    def __init__(self, entries: list[dict], n_mels: int, default_instruction: str, pad_to_30s: bool = False,
+                 on_error: Callable[[dict], None] | None = None):
         self.entries, self.n_mels, self.pad_to_30s = entries, n_mels, pad_to_30s
-        self.default_instruction = default_instruction
+        self.default_instruction, self.on_error = default_instruction, on_error
 
     def __len__(self):
         return len(self.entries)
 
     def __getitem__(self, i) -> dict:
-        """-> {key, mel, txt, instruction}, or {key, error} when the audio fails to load."""
-        entry = self.entries[i]
-        try:
-            samples = load_entry_audio(entry)
-        except BadAudio as e:
-            return dict(key=entry["key"], error=str(e))
-        return dict(key=entry["key"], mel=log_mel(samples, self.n_mels, self.pad_to_30s),
-                    txt=entry.get("txt"), instruction=entry.get("instruction") or self.default_instruction)
+        for j in range(i, i + len(self)):
+            entry = self.entries[j % len(self)]
+            item = load_item(entry, self.n_mels, self.default_instruction, self.pad_to_30s)
+            if "error" not in item or self.on_error is None:
+                return item
+            self.on_error(dict(entry, reason=item["error"]))
+        raise InputError("no audio file of the data set could be read")
 
 
 class Collator:
@@ -189,6 +217,19 @@ class Collator:
                 rows.append(padding + values if self.inference else values + padding)
             out[name] = torch.tensor(rows, dtype=torch.bool if name == "audio_mask" else torch.long)
         return out
+
+
+class CollatorKeepingErrors:
+    """Recognition's collator: -> (keys, inference batch or None, {key: reason}). An item whose audio
+    failed to load ({key, error}) is left out of the batch and comes back as an error."""
+
+    def __init__(self, spec: DataSpec):
+        self.collate = Collator(spec, inference=True)
+
+    def __call__(self, items: list[dict]):
+        good = [item for item in items if "error" not in item]
+        errors = {item["key"]: item["error"] for item in items if "error" in item}
+        return [item["key"] for item in good], self.collate(good) if good else None, errors
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from compute_wer import format_report, score
 from audio import SAMPLE_RATE, BadAudio, load_entry_audio, long_audio_pieces
-from data import (Collator, DataSpec, InputError, SpeechDataset, check_entries, count_reasons, default_batch_tokens,
-                  pack_batches, read_jsonl, sequence_length)
+from data import (CollatorKeepingErrors, DataSpec, InputError, SpeechDataset, check_entries, count_reasons,
+                  default_batch_tokens, pack_batches, read_jsonl, sequence_length)
 from decoding import DecodingOptions, token_budget, transcripts
 from decoding import decode as decode_batch
 from hotwords import Hotwords
@@ -264,19 +264,6 @@ def write_atomically(path: Path, lines: list[str]):
     os.replace(tmp, path)
 
 
-class CollatorKeepingErrors:
-    """-> (keys, inference batch or None, {key: reason}): an utterance whose audio failed to load is
-    left out of the batch and comes back as an error."""
-
-    def __init__(self, spec: DataSpec):
-        self.collate = Collator(spec, inference=True)
-
-    def __call__(self, items: list[dict]):
-        good = [item for item in items if "error" not in item]
-        errors = {item["key"]: item["error"] for item in items if "error" in item}
-        return [item["key"] for item in good], self.collate(good) if good else None, errors
-
-
 def decode(model, entries: list[dict], args, device: str, rank: int, world_size: int, partial: Path,
            shards: list[str] | None = None):
     """Decode this rank's share of `entries` (longest first), appending each batch's records to `partial`."""
@@ -288,7 +275,7 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
         # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
         entries = sorted(split_long_entries(entries, args.chunk_seconds), key=lambda e: -e["duration"])
         seconds = {e["key"]: e["duration"] for e in entries}
-        dataset = SpeechDataset(entries, spec.n_mels, spec.instruction, spec.pad_to_30s)
+        dataset = SpeechDataset(entries, spec.n_mels, spec.instruction, spec.pad_to_30s)  # on_error None: keep errors
         batches = decoding_batches(spec, model.config, entries, args)[rank::world_size]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=CollatorKeepingErrors(spec),
                                              num_workers=1)

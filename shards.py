@@ -31,8 +31,8 @@ import soundfile
 import torch
 import webdataset
 
-from audio import SAMPLE_RATE, BadAudio, audio_problem, load_audio, load_entry_audio, log_mel, long_audio_pieces
-from data import InputError, default_batch_tokens, pack_batches
+from audio import SAMPLE_RATE, BadAudio, audio_problem, load_audio, load_entry_audio, long_audio_pieces
+from data import InputError, default_batch_tokens, load_item, pack_batches
 
 AUDIO_FORMATS = ("flac", "wav", "original")
 RETRIES = 5  # tries in a row after a failed read, waiting 0.5, 1, 2, 4, 8 s
@@ -340,14 +340,9 @@ def sample_entry(sample: dict, shard: str) -> dict:
     return entry
 
 
-def load_item(entry: dict, n_mels: int, default_instruction: str, pad_to_30s: bool) -> dict:
-    """An entry -> SpeechDataset's item {key, mel, txt, instruction}, or {key, error}."""
-    try:
-        samples = entry["samples"] if "samples" in entry else load_audio(io.BytesIO(entry["audio"]))
-    except BadAudio as e:
-        return dict(key=entry["key"], error=str(e))
-    return dict(key=entry["key"], mel=log_mel(samples, n_mels, pad_to_30s), txt=entry.get("txt"),
-                instruction=entry.get("instruction") or default_instruction)
+def shard_audio(entry: dict) -> np.ndarray:
+    """A shard entry's audio: its samples once split_long has cut it into pieces, else its audio bytes."""
+    return entry["samples"] if "samples" in entry else load_audio(io.BytesIO(entry["audio"]))
 
 
 def split_long(entry: dict, chunk_seconds: float) -> list[dict]:
@@ -389,7 +384,7 @@ def make_batches(entries: list[dict], rng: random.Random | None, batch_size: int
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Batches of items (SpeechDataset's {key, mel, txt, instruction}; {key, error} too when on_error is
+    """Batches of items (data.load_item's {key, mel, txt, instruction}; {key, error} too when on_error is
     None) streamed from shards, each with the position to resume after it (a dict, see below).
 
     Every (rank, DataLoader worker) pair is a slot; each epoch the shards are shuffled (from seed and
@@ -397,8 +392,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     is shuffled, cut into batches of similar duration (make_batches), and its batches go out in shuffled
     order. epochs=None: one epoch after another, forever (the Trainer counts steps).
 
-    Unusable samples (no audio, unreadable, `check(entry)` says why) go to on_error(entry with "reason")
-    and are left out; a batch left empty is not sent. on_error=None: they go out as {key, error} items.
+    Unusable samples (no audio, unreadable, `check(entry)` says why) follow data.py's rule for audio
+    that fails to load, as SpeechDataset's do: they go to on_error(entry with "reason") and are left out
+    (a batch left empty is not sent), or with on_error=None go out as {key, error} items.
 
     Resume is exact: a batch's position is (epoch, shard, byte where its buffer starts, buffer number,
     batches of that buffer sent); each buffer's randomness comes from (seed, epoch, slot, buffer number).
@@ -487,7 +483,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 self.on_error(entry)
         for n, batch in enumerate(batches[skip:], skip + 1):
             items = [dict(key=e["key"], error=e["reason"]) if "reason" in e
-                     else load_item(e, self.n_mels, self.default_instruction, self.pad_to_30s) for e in batch]
+                     else load_item(e, self.n_mels, self.default_instruction, self.pad_to_30s, shard_audio) for e in batch]
             if self.on_error is not None:
                 for entry, item in zip(batch, items):
                     if "error" in item:

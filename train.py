@@ -163,30 +163,12 @@ def print_skip_summary(skipped_log: Path):
 
 
 def report_skip(entry: dict, skipped_log: Path, strict: bool):
-    """Audio found unusable while training (entry with its "reason"): logged and skipped, or with --strict an error."""
+    """Audio found unusable while training (entry with its "reason"): logged and skipped, or with --strict
+    an error. The datasets' on_error (data.py): the clip is left out, or the next one takes its place."""
     if strict:
         raise InputError(f"{entry['where']}: {entry['wav']}: {entry['reason']}")
     print(f"warning: skipped {entry['where']}: {entry['wav']}: {entry['reason']}", file=sys.stderr, flush=True)
     log_skipped(skipped_log, [entry])
-
-
-class SkippingDataset(SpeechDataset):
-    """Audio that passed the check pass can still fail to decode (corrupt data behind a good header):
-    it is logged and the next utterance takes its place, so every rank still gets full batches (a rank
-    short of a batch would hang the others). Reading every file up front instead would cost a full
-    pass over the audio before the first step."""
-
-    def __init__(self, *args, skipped_log: Path, strict: bool, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.skipped_log, self.strict = skipped_log, strict
-
-    def __getitem__(self, i) -> dict:
-        for j in range(i, i + len(self)):
-            item = super().__getitem__(j % len(self))
-            if "error" not in item:
-                return item
-            report_skip(dict(self.entries[j % len(self)], reason=item["error"]), self.skipped_log, self.strict)
-        raise InputError("no audio file of the data set could be read")
 
 
 def data_positions_name(rank: int) -> str:
@@ -454,8 +436,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
 
     def dataset(path):
         entries = checked_entries(path, manifests[path], spec, data_args, skipped_log, args.process_index == 0)
-        return SkippingDataset(entries, spec.n_mels, spec.instruction, spec.pad_to_30s,
-                               skipped_log=skipped_log, strict=data_args.strict)
+        return SpeechDataset(entries, spec.n_mels, spec.instruction, spec.pad_to_30s,
+                             on_error=partial(report_skip, skipped_log=skipped_log, strict=data_args.strict))
 
     last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     data_resume = None

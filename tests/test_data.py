@@ -8,10 +8,11 @@ import pytest
 import soundfile
 import torch
 from conftest import ROOT, synth_audio, write_corpus
+from helpers.bad_audio import write_damaged_flac
 
 from audio import load_audio, log_mel
-from data import (Collator, DataSpec, DurationBatchSampler, LengthGroupedSampler, SpeechDataset, check_entries,
-                  pack_batches, read_jsonl)
+from data import (Collator, CollatorKeepingErrors, DataSpec, DurationBatchSampler, LengthGroupedSampler, SpeechDataset,
+                  check_entries, pack_batches, read_jsonl)
 from prompt import ChatPrompt
 
 
@@ -104,6 +105,26 @@ def test_the_check_pass_and_the_collator_take_their_model_settings_as_values(tmp
     imports = subprocess.run([sys.executable, "-c", "import sys, data; print('model' in sys.modules)"], cwd=ROOT,
                              capture_output=True, text=True, check=True)
     assert imports.stdout.strip() == "False"
+
+
+def test_audio_that_fails_to_load_is_skipped_in_training_and_an_error_in_recognition(tmp_path, spec):
+    """damaged.flac passes the check pass (its header is fine); loading it fails."""
+    jsonl = write_corpus(tmp_path, ["a", "b"], [1.0, 1.0])
+    write_damaged_flac(tmp_path / "damaged.flac")
+    lines = jsonl.read_text().splitlines()
+    jsonl.write_text("\n".join([lines[0], json.dumps({"key": "damaged", "wav": "damaged.flac", "txt": "c"}), lines[1]]))
+    entries, problems = check_entries(read_jsonl(jsonl), None, for_training=False)
+    assert [e["key"] for e in entries] == ["utt0", "damaged", "utt1"] and not problems
+    # training (on_error): reported once, and the next clip takes its place, so the batch stays full
+    reported = []
+    training = SpeechDataset(entries, spec.n_mels, spec.instruction, on_error=reported.append)
+    assert [training[i]["key"] for i in range(3)] == ["utt0", "utt1", "utt1"]
+    assert [(e["key"], e["reason"]) for e in reported] == [("damaged", "unreadable")]
+    # recognition: the utterance comes back as an error beside the batch, never dropped
+    items = [SpeechDataset(entries, spec.n_mels, spec.instruction)[i] for i in range(3)]
+    keys, batch, errors = CollatorKeepingErrors(spec)(items)
+    assert keys == ["utt0", "utt1"] and batch["mel"].shape[0] == 2 and errors == {"damaged": "unreadable"}
+    assert CollatorKeepingErrors(spec)(items[1:2]) == ([], None, {"damaged": "unreadable"})
 
 
 def test_length_grouped_sampler_groups_and_is_deterministic():
