@@ -1,8 +1,8 @@
-"""Data: jsonl manifests, the check pass over a data set, the dataset (and what it does with audio
-that fails to load) and collator, batching and length-grouped sampling (a fixed number of utterances
-per batch, or as many as fit a budget of seconds). Audio itself (loading, log-mel, pieces of long
-recordings) is audio.py's. What this needs of a model comes as values (DataSpec, made by
-SpeechLLM.data_spec()): nothing here touches the model.
+"""Data: jsonl manifests, the check pass over a data set, long entries cut into pieces, the dataset
+(and what it does with audio that fails to load) and collator, batching and length-grouped sampling (a
+fixed number of utterances per batch, or as many as fit a budget of seconds). Audio itself (loading,
+log-mel, where to cut long recordings) is audio.py's. What this needs of a model comes as values
+(DataSpec, made by SpeechLLM.data_spec()): nothing here touches the model.
 """
 import json
 import math
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import whisper
 
-from audio import N_SAMPLES_30S, SAMPLE_RATE, BadAudio, audio_problem, load_entry_audio, log_mel, segment_problem
+from audio import (N_SAMPLES_30S, SAMPLE_RATE, BadAudio, audio_problem, load_entry_audio, log_mel, long_audio_pieces,
+                   segment_problem)
 from prompt import ChatPrompt
 
 class InputError(ValueError):
@@ -141,6 +142,34 @@ def check_entries(entries: list[dict], spec: DataSpec | None, for_training: bool
 def count_reasons(reasons) -> str:
     """"2 missing, 1 empty" (most frequent first)."""
     return ", ".join(f"{n} {reason}" for reason, n in Counter(reasons).most_common())
+
+
+def split_long(entry: dict, chunk_seconds: float, load: Callable[[dict], np.ndarray] = load_entry_audio,
+               keep_samples: bool = False) -> list[dict]:
+    """An entry longer than chunk_seconds -> an entry per piece of at most chunk_seconds, cut at a pause
+    (audio.long_audio_pieces), keyed "KEY i/n": keys are one word, so no user key looks like that
+    (recognize.join_pieces joins the pieces' texts). A piece is a segment of the entry's file ("start",
+    "end"; read again when it is decoded), or with keep_samples its samples ("samples"): a shard's audio
+    is bytes in memory, decoded once here rather than once per piece. load: the entry's audio (a
+    shard's: shards.shard_audio). An entry whose audio fails to load stays whole: its error is
+    reported where it is loaded."""
+    if not chunk_seconds or entry["duration"] <= chunk_seconds:
+        return [entry]
+    try:
+        samples = load(entry)
+    except BadAudio:
+        return [entry]
+    spans = long_audio_pieces(samples, chunk_seconds)
+    offset = entry.get("start") or 0.0
+    pieces = []
+    for i, (a, b) in enumerate(spans):
+        piece = entry | dict(key=f"{entry['key']} {i}/{len(spans)}", duration=(b - a) / SAMPLE_RATE)
+        if keep_samples:
+            piece["samples"] = samples[a:b]
+        else:
+            piece |= dict(start=offset + a / SAMPLE_RATE, end=offset + b / SAMPLE_RATE)
+        pieces.append(piece)
+    return pieces
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,9 +32,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from compute_wer import format_report, score
-from audio import SAMPLE_RATE, BadAudio, load_entry_audio, long_audio_pieces
 from data import (CollatorKeepingErrors, DataSpec, InputError, SpeechDataset, check_entries, count_reasons,
-                  default_batch_tokens, pack_batches, read_jsonl, sequence_length)
+                  default_batch_tokens, pack_batches, read_jsonl, sequence_length, split_long)
 from decoding import DecodingOptions, token_budget, transcripts
 from decoding import decode as decode_batch
 from hotwords import Hotwords
@@ -183,29 +182,6 @@ def read_partials(result_path: Path) -> dict[str, dict]:
     return join_pieces(records)
 
 
-def split_long_entries(entries: list[dict], chunk_seconds: float) -> list[dict]:
-    """Entries longer than chunk_seconds -> an entry per piece (a segment of the same file, cut at a
-    pause), keyed "KEY i/n": keys are one word, so no user key looks like that. An entry whose audio
-    fails to load stays whole, and its error is reported as usual."""
-    if not chunk_seconds:
-        return entries
-    out = []
-    for entry in entries:
-        if entry["duration"] <= chunk_seconds:
-            out.append(entry)
-            continue
-        try:
-            pieces = long_audio_pieces(load_entry_audio(entry), chunk_seconds)
-        except BadAudio:
-            out.append(entry)
-            continue
-        offset = entry.get("start") or 0.0
-        out += [entry | dict(key=f"{entry['key']} {i}/{len(pieces)}", start=offset + a / SAMPLE_RATE,
-                             end=offset + b / SAMPLE_RATE, duration=(b - a) / SAMPLE_RATE)
-                for i, (a, b) in enumerate(pieces)]
-    return out
-
-
 def join_pieces(records: dict[str, dict]) -> dict[str, dict]:
     """The records of an entry's pieces ("KEY i/n") -> one record for KEY once all n are there: their
     texts joined, the first error if any failed, confidences averaged. Pieces of an entry not yet
@@ -273,7 +249,8 @@ def decode(model, entries: list[dict], args, device: str, rank: int, world_size:
     else:
         # Longest first: batches of similar length waste little padding, and memory peaks at once. Whole
         # batches go round-robin to the ranks: a batch is the same whatever the world size, and so is its text.
-        entries = sorted(split_long_entries(entries, args.chunk_seconds), key=lambda e: -e["duration"])
+        entries = sorted([piece for e in entries for piece in split_long(e, args.chunk_seconds)],
+                         key=lambda e: -e["duration"])
         seconds = {e["key"]: e["duration"] for e in entries}
         dataset = SpeechDataset(entries, spec.n_mels, spec.instruction, spec.pad_to_30s)  # on_error None: keep errors
         batches = decoding_batches(spec, model.config, entries, args)[rank::world_size]

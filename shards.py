@@ -31,8 +31,8 @@ import soundfile
 import torch
 import webdataset
 
-from audio import SAMPLE_RATE, BadAudio, audio_problem, load_audio, load_entry_audio, long_audio_pieces
-from data import InputError, default_batch_tokens, load_item, pack_batches
+from audio import SAMPLE_RATE, BadAudio, audio_problem, load_audio, load_entry_audio
+from data import InputError, default_batch_tokens, load_item, pack_batches, split_long
 
 AUDIO_FORMATS = ("flac", "wav", "original")
 RETRIES = 5  # tries in a row after a failed read, waiting 0.5, 1, 2, 4, 8 s
@@ -345,20 +345,6 @@ def shard_audio(entry: dict) -> np.ndarray:
     return entry["samples"] if "samples" in entry else load_audio(io.BytesIO(entry["audio"]))
 
 
-def split_long(entry: dict, chunk_seconds: float) -> list[dict]:
-    """recognize.py's split_long_entries for a shard's entry: pieces of at most chunk_seconds keyed
-    "KEY i/n", their samples decoded once here. Audio that does not load stays whole (its error is reported)."""
-    if not chunk_seconds or entry["duration"] <= chunk_seconds:
-        return [entry]
-    try:
-        samples = load_audio(io.BytesIO(entry["audio"]))
-    except BadAudio:
-        return [entry]
-    pieces = long_audio_pieces(samples, chunk_seconds)
-    return [dict(entry, key=f"{entry['key']} {i}/{len(pieces)}", samples=samples[a:b], duration=(b - a) / SAMPLE_RATE)
-            for i, (a, b) in enumerate(pieces)]
-
-
 def make_batches(entries: list[dict], rng: random.Random | None, batch_size: int, batch_seconds: float | None,
                  batch_tokens: int | None, length_grouped: bool = True) -> list[list[dict]]:
     """One buffer's entries -> batches: shuffled (rng; None keeps their order), grouped by duration
@@ -469,7 +455,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         for entry in buffer:
             if self.keys is not None and entry["key"] not in self.keys:  # e.g. decoded by an earlier run
                 continue
-            for piece in [entry] if "reason" in entry else split_long(entry, self.chunk_seconds):
+            pieces = [entry] if "reason" in entry else split_long(entry, self.chunk_seconds, shard_audio, keep_samples=True)
+            for piece in pieces:
                 if "reason" not in piece and self.check is not None and (reason := self.check(piece)):
                     piece["reason"] = reason
                 (errors if "reason" in piece else good).append(piece)

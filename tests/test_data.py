@@ -10,9 +10,9 @@ import torch
 from conftest import ROOT, synth_audio, write_corpus
 from helpers.bad_audio import write_damaged_flac
 
-from audio import load_audio, log_mel
+from audio import load_audio, load_entry_audio, log_mel
 from data import (Collator, CollatorKeepingErrors, DataSpec, DurationBatchSampler, LengthGroupedSampler, SpeechDataset,
-                  check_entries, pack_batches, read_jsonl)
+                  check_entries, pack_batches, read_jsonl, split_long)
 from prompt import ChatPrompt
 
 
@@ -125,6 +125,25 @@ def test_audio_that_fails_to_load_is_skipped_in_training_and_an_error_in_recogni
     keys, batch, errors = CollatorKeepingErrors(spec)(items)
     assert keys == ["utt0", "utt1"] and batch["mel"].shape[0] == 2 and errors == {"damaged": "unreadable"}
     assert CollatorKeepingErrors(spec)(items[1:2]) == ([], None, {"damaged": "unreadable"})
+
+
+def test_long_entries_are_cut_into_pieces_that_cover_them(tmp_path):
+    soundfile.write(tmp_path / "long.wav", synth_audio(0, 65.0), 16000)
+    entry = dict(key="long", wav=str(tmp_path / "long.wav"), start=2.0, duration=63.0)  # a segment: 2 s to the end
+    whole = load_entry_audio(entry)
+    segments, in_memory = split_long(entry, 30.0), split_long(entry, 30.0, keep_samples=True)
+    assert [p["key"] for p in segments] == [p["key"] for p in in_memory] == ["long 0/3", "long 1/3", "long 2/3"]
+    assert [p["duration"] for p in segments] == [p["duration"] for p in in_memory]
+    assert all(p["duration"] <= 30 for p in segments) and sum(p["duration"] for p in segments) == 63.0
+    # a file's pieces are segments of it, read when decoded; a shard's hold their samples
+    assert segments[0]["start"] == 2.0 and segments[-1]["end"] == 65.0
+    assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))
+    np.testing.assert_array_equal(np.concatenate([load_entry_audio(p) for p in segments]), whole)
+    np.testing.assert_array_equal(np.concatenate([p["samples"] for p in in_memory]), whole)
+    # short, off (0), or audio that does not load: the entry stays whole
+    assert split_long(entry, 0) == [entry] and split_long(entry, 70.0) == [entry]
+    missing = dict(entry, wav=str(tmp_path / "missing.wav"))
+    assert split_long(missing, 30.0) == [missing]
 
 
 def test_length_grouped_sampler_groups_and_is_deterministic():
