@@ -77,7 +77,7 @@ def decoding_options(options: DecodingOptions | None = None, **kwargs) -> Decodi
 
 @torch.inference_mode()
 def decode(model, batch: dict, options: DecodingOptions = DecodingOptions()):
-    """Batched decoding of left-padded prompts (a Collator(model, inference=True) batch: mel,
+    """Batched decoding of left-padded prompts (a Collator(model.data_spec(), inference=True) batch: mel,
     mel_lengths, input_ids, attention_mask, audio_mask) -> new token ids (B, <= budget), each row ended
     by an end-of-turn token unless it ran out of budget, then padded with the prompt's placeholder id;
     with return_confidence or word_timestamps (ids, a dict per utterance: the confidence() fields,
