@@ -85,7 +85,7 @@ def boundaries(args):
           f"{len(clips) - len(starts)} clips without a word")
     for name, errors in (("first word start - onset", starts), ("last word end - offset", ends)):
         e = np.array(errors)
-        print(f"{name}: mean {e.mean():+.3f} s, mean |error| {np.abs(e).mean():.3f} s, "
+        print(f"{name}: median {np.median(e):+.3f} s, mean {e.mean():+.3f} s, mean |error| {np.abs(e).mean():.3f} s, "
               f"within 0.1 s {np.mean(np.abs(e) <= 0.1 + 1e-9):.0%}, within 0.2 s {np.mean(np.abs(e) <= 0.2 + 1e-9):.0%}")
     print(f"words in the silences between clips: {len(in_gaps)} {[(w.text, w.start, w.end) for w in in_gaps]}")
 
