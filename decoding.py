@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from audio import MEL_FRAMES_PER_SECOND
-from hotwords import HotwordBonus, Hotwords
+from hotwords import HotwordBonus, Hotwords, greedy_without_fragments
 from prompt import move_padding_after_prefix, shared_prefix_length
 from timestamps import Word, aligned_log_probs, ctc_forced_align, words_from_tokens
 
@@ -125,16 +125,26 @@ def llm_ids(model, batch: dict, inputs_embeds, head, options: DecodingOptions) -
     seconds = batch["mel_lengths"].float() / MEL_FRAMES_PER_SECOND  # (B,)
     device = batch["input_ids"].device
     budgets = torch.tensor([token_budget(model.config, options, float(s)) for s in seconds], device=device)  # (B,)
-    processors = LogitsProcessorList()
-    if options.max_repeats > 0:  # first: the other processors see the banned tokens as impossible
-        processors.append(RepetitionGuard(options.max_repeats, token_text=model.prompt.token_text))
-    if options.ctc_decode_weight > 0:
-        processors.append(CTCPrefixScorer(head, options.ctc_decode_weight, options.num_beams, eos, hotwords=options.hotwords))
-    if options.hotwords is not None:  # after joint scoring: its bonus adds to the joint scores
-        processors.append(HotwordBonus(options.hotwords))
-    processors.append(TokenBudget(budgets, options.num_beams, eos))
-    return generate_llm(model, inputs_embeds, batch, options.num_beams, int(budgets.max()), options.prefix_cache,
-                        logits_processor=processors, **options.generate_kwargs)
+
+    def search(bonus: HotwordBonus | None = None) -> torch.Tensor:
+        processors = LogitsProcessorList()
+        if options.max_repeats > 0:  # first: the other processors see the banned tokens as impossible
+            processors.append(RepetitionGuard(options.max_repeats, token_text=model.prompt.token_text))
+        if options.ctc_decode_weight > 0:
+            processors.append(CTCPrefixScorer(head, options.ctc_decode_weight, options.num_beams, eos, hotwords=options.hotwords))
+        if bonus is not None:  # after joint scoring: its bonus adds to the joint scores
+            processors.append(bonus)
+        processors.append(TokenBudget(budgets, options.num_beams, eos))
+        return generate_llm(model, inputs_embeds, batch, options.num_beams, int(budgets.max()), options.prefix_cache,
+                            logits_processor=processors, **options.generate_kwargs)
+
+    if options.hotwords is None:
+        return search()
+    if options.num_beams > 1:  # beam search takes an abandoned phrase's bonus back from its hypotheses itself
+        return search(HotwordBonus(options.hotwords))
+    eos_set = set(eos)
+    return greedy_without_fragments(search, options.hotwords, lambda ids: [
+        list(itertools.takewhile(lambda token: token not in eos_set, row)) for row in ids.tolist()])
 
 
 def generate_llm(model, inputs_embeds, batch: dict, num_beams: int, max_new_tokens: int, prefix_cache: bool = True,

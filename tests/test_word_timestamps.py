@@ -3,16 +3,18 @@ the tiny random models: files well formed and in input order, long recordings in
 resumable, batched as one by one."""
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import soundfile
 import torch
 from conftest import synth_audio
-from test_decoding import ctc_model  # noqa: F401 (a fixture)
+from test_decoding import ctc_model, one_utterance, unpadded  # noqa: F401 (a fixture)
 from test_model import make_batch
 
 import recognize
 from decoding import DecodingOptions, decode
+from hotwords import Hotwords
 
 
 def write_recordings(folder):
@@ -141,6 +143,22 @@ def test_ctc_fallback_writes_ctcs_path_where_the_llm_strays_from_it(ctc_model):
     assert texts(llm) != texts(ctc)  # a random LLM and its CTC head disagree
     assert [t.replace("<|im_end|>", "") for t in texts(strict)] == [t.replace("<|im_end|>", "") for t in texts(ctc)]
     assert torch.equal(lenient, llm)
+
+
+def test_greedy_with_hotwords_leaves_no_fragment_of_a_phrase(ctc_model):
+    """A bonus of 100 a token makes greedy search begin "Joe King" wherever it may: as "J" "oe" " King"
+    or as " Joe" " King". Searched once, with two tokens allowed, the first would be left unfinished."""
+    batch = make_batch(ctc_model, [1.0, 2.0], inference=True)
+    hotwords = Hotwords.from_lines(["Joe King 100"], ctc_model.tokenizer)
+    phrase = ctc_model.tokenizer(" Joe King", add_special_tokens=False)["input_ids"]
+    assert len(phrase) == 2 and len(ctc_model.tokenizer("Joe King", add_special_tokens=False)["input_ids"]) == 3
+    options = DecodingOptions(ctc_decode_weight=0.3, max_new_tokens=2)
+    assert decode(ctc_model, batch, replace(options, hotwords=hotwords)).tolist() == [phrase] * 2  # the one that fits
+    plain, biased = (decode(ctc_model, batch, replace(options, max_new_tokens=1, hotwords=h)) for h in (None, hotwords))
+    assert torch.equal(biased, plain)  # none fits: no fragment, the search as without the list
+    options = DecodingOptions(ctc_decode_weight=0.3, max_new_tokens=6, hotwords=Hotwords.from_lines(["Joe King 2"], ctc_model.tokenizer))
+    together = [unpadded(ctc_model, ids) for ids in decode(ctc_model, batch, options)]
+    assert together == [unpadded(ctc_model, decode(ctc_model, one_utterance(batch, i), options)[0]) for i in range(2)]
 
 
 def test_recognize_reads_hotwords_and_names_a_bad_line(ctc_model, tmp_path, capsys):
