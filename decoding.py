@@ -502,7 +502,8 @@ def confidence(model, ids, head: CTCHead | None, llm_log_probs: list[list[float]
 def timed_words(model, ids, head: CTCHead, llm_log_probs: list[list[float]]) -> list[list[Word]]:
     """Each hypothesis force-aligned to its utterance's CTC posteriors (timestamps.py): its words, with
     start and end in seconds from the start of its audio at the audio tokens' resolution (an audio token
-    is projector_kernel encoder frames of 2 mel frames), CTC's and the LLM's confidence. A hypothesis
+    is projector_kernel encoder frames of 2 mel frames; the end moved past CTC's spike, see
+    timestamps.END_EXTENSION), CTC's and the LLM's confidence. A hypothesis
     longer than its audio can hold (possible only without joint scoring) is spread evenly over it."""
     eos = model.prompt.eos_token_ids
     seconds_per_token = model.config.projector_kernel * 2 / MEL_FRAMES_PER_SECOND
@@ -516,7 +517,8 @@ def timed_words(model, ids, head: CTCHead, llm_log_probs: list[list[float]]) -> 
             spans = [(i * len(frames) // len(hyp), max(i * len(frames) // len(hyp), (i + 1) * len(frames) // len(hyp) - 1))
                      for i in range(len(hyp))]
         out.append(words_from_tokens([model.prompt.token_text(t) for t in hyp], spans,
-                                     aligned_log_probs(frames, hyp, spans), log_probs[:len(hyp)], seconds_per_token))
+                                     aligned_log_probs(frames, hyp, spans), log_probs[:len(hyp)], seconds_per_token,
+                                     len(frames)))
     return out
 
 
