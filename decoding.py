@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from audio import MEL_FRAMES_PER_SECOND
-from hotwords import HotwordBonus, Hotwords
+from hotwords import HotwordBonus, Hotwords, greedy_without_fragments
 from prompt import move_padding_after_prefix, shared_prefix_length
 from timestamps import Word, aligned_log_probs, ctc_forced_align, words_from_tokens
 
@@ -125,16 +125,26 @@ def llm_ids(model, batch: dict, inputs_embeds, head, options: DecodingOptions) -
     seconds = batch["mel_lengths"].float() / MEL_FRAMES_PER_SECOND  # (B,)
     device = batch["input_ids"].device
     budgets = torch.tensor([token_budget(model.config, options, float(s)) for s in seconds], device=device)  # (B,)
-    processors = LogitsProcessorList()
-    if options.max_repeats > 0:  # first: the other processors see the banned tokens as impossible
-        processors.append(RepetitionGuard(options.max_repeats, token_text=model.prompt.token_text))
-    if options.ctc_decode_weight > 0:
-        processors.append(CTCPrefixScorer(head, options.ctc_decode_weight, options.num_beams, eos, hotwords=options.hotwords))
-    if options.hotwords is not None:  # after joint scoring: its bonus adds to the joint scores
-        processors.append(HotwordBonus(options.hotwords))
-    processors.append(TokenBudget(budgets, options.num_beams, eos))
-    return generate_llm(model, inputs_embeds, batch, options.num_beams, int(budgets.max()), options.prefix_cache,
-                        logits_processor=processors, **options.generate_kwargs)
+
+    def search(bonus: HotwordBonus | None = None) -> torch.Tensor:
+        processors = LogitsProcessorList()
+        if options.max_repeats > 0:  # first: the other processors see the banned tokens as impossible
+            processors.append(RepetitionGuard(options.max_repeats, token_text=model.prompt.token_text))
+        if options.ctc_decode_weight > 0:
+            processors.append(CTCPrefixScorer(head, options.ctc_decode_weight, options.num_beams, eos, hotwords=options.hotwords))
+        if bonus is not None:  # after joint scoring: its bonus adds to the joint scores
+            processors.append(bonus)
+        processors.append(TokenBudget(budgets, options.num_beams, eos))
+        return generate_llm(model, inputs_embeds, batch, options.num_beams, int(budgets.max()), options.prefix_cache,
+                            logits_processor=processors, **options.generate_kwargs)
+
+    if options.hotwords is None:
+        return search()
+    if options.num_beams > 1:  # beam search takes an abandoned phrase's bonus back from its hypotheses itself
+        return search(HotwordBonus(options.hotwords))
+    eos_set = set(eos)
+    return greedy_without_fragments(search, options.hotwords, lambda ids: [
+        list(itertools.takewhile(lambda token: token not in eos_set, row)) for row in ids.tolist()])
 
 
 def generate_llm(model, inputs_embeds, batch: dict, num_beams: int, max_new_tokens: int, prefix_cache: bool = True,
@@ -492,7 +502,8 @@ def confidence(model, ids, head: CTCHead | None, llm_log_probs: list[list[float]
 def timed_words(model, ids, head: CTCHead, llm_log_probs: list[list[float]]) -> list[list[Word]]:
     """Each hypothesis force-aligned to its utterance's CTC posteriors (timestamps.py): its words, with
     start and end in seconds from the start of its audio at the audio tokens' resolution (an audio token
-    is projector_kernel encoder frames of 2 mel frames), CTC's and the LLM's confidence. A hypothesis
+    is projector_kernel encoder frames of 2 mel frames; the end moved past CTC's spike, see
+    timestamps.END_EXTENSION), CTC's and the LLM's confidence. A hypothesis
     longer than its audio can hold (possible only without joint scoring) is spread evenly over it."""
     eos = model.prompt.eos_token_ids
     seconds_per_token = model.config.projector_kernel * 2 / MEL_FRAMES_PER_SECOND
@@ -506,7 +517,8 @@ def timed_words(model, ids, head: CTCHead, llm_log_probs: list[list[float]]) -> 
             spans = [(i * len(frames) // len(hyp), max(i * len(frames) // len(hyp), (i + 1) * len(frames) // len(hyp) - 1))
                      for i in range(len(hyp))]
         out.append(words_from_tokens([model.prompt.token_text(t) for t in hyp], spans,
-                                     aligned_log_probs(frames, hyp, spans), log_probs[:len(hyp)], seconds_per_token))
+                                     aligned_log_probs(frames, hyp, spans), log_probs[:len(hyp)], seconds_per_token,
+                                     len(frames)))
     return out
 
 

@@ -8,7 +8,8 @@ and the total a hypothesis gains is the weight times the tokens of the phrases i
     processors.append(HotwordBonus(hotwords))   # after the other logits processors (decoding.py)
 
 It adds to the scores the other processors leave; joint CTC scoring takes the phrases' next tokens
-among its candidates (Hotwords.candidates), so the audio decides whether a phrase was said.
+among its candidates (Hotwords.candidates), so the audio decides whether a phrase was said. Greedy
+search runs through greedy_without_fragments, which searches again where a phrase was begun and left.
 """
 import math
 from dataclasses import dataclass, field
@@ -57,13 +58,36 @@ class Hotwords:
                 phrases.append((phrase, weight))
         return cls(phrases, tokenizer)
 
-    def state(self, ids: list[int]) -> tuple[Node, float]:
-        """-> the node the hypothesis' unfinished phrase has reached and what it earned so far. A token
-        that cannot go on restarts matching at the root (a phrase may begin right there)."""
-        node = self.root
-        for token in ids:
-            node = node.children.get(token) or self.root.children.get(token) or self.root
+    def state(self, ids: list[int], no_start: dict | None = None) -> tuple[Node, float]:
+        """-> the node the hypothesis' unfinished phrase has reached and what it earned so far."""
+        node = self.walk(ids, no_start)[-1] if ids else self.root
         return node, self.earned(ids, node)
+
+    def walk(self, ids: list[int], no_start: dict | None = None) -> list[Node]:
+        """The node after each token. A token that cannot go on restarts matching at the root (a phrase
+        may begin right there), unless no_start ({position: {(prefix, token)}}, see
+        greedy_without_fragments) forbids that phrase to begin after that prefix."""
+        nodes, node = [], self.root
+        for i, token in enumerate(ids):
+            step = node.children.get(token) if node is not self.root else None
+            if step is None and token in self.root.children and not (
+                    no_start and i in no_start and (tuple(ids[:i]), token) in no_start[i]):
+                step = self.root.children[token]
+            node = step or self.root
+            nodes.append(node)
+        return nodes
+
+    def fragments(self, ids: list[int], no_start: dict | None = None) -> list[tuple[int, tuple, int]]:
+        """The phrases the hypothesis began and left unfinished (or ended in): (position, prefix before
+        it, its first token) of each, the keys no_start takes."""
+        out, before = [], self.root
+        for i, node in enumerate(self.walk(ids, no_start) + [None]):  # None: the hypothesis ends
+            left = node is None or node.depth != before.depth + 1
+            if left and before is not self.root and not before.ends_phrase:
+                start = i - before.depth
+                out.append((start, tuple(ids[:start]), ids[start]))
+            before = node
+        return out
 
     def candidates(self, ids: list[int]) -> list[int]:
         """The tokens that go on the hypothesis' phrase or begin one: what joint CTC scoring must score."""
@@ -82,18 +106,21 @@ class Hotwords:
 class HotwordBonus(LogitsProcessor):
     """Each row's next-token scores: + the weight for a token that extends its phrase (or starts one);
     for any other token, - what the unfinished phrase earned (a finished one keeps it). The end of
-    turn takes an unfinished phrase's bonus back too."""
+    turn takes an unfinished phrase's bonus back too. no_start: per row, the phrases that may not
+    begin where they begin (Hotwords.walk), for greedy_without_fragments."""
 
-    def __init__(self, hotwords: Hotwords):
-        self.hotwords = hotwords
+    def __init__(self, hotwords: Hotwords, no_start: list[dict] | None = None):
+        self.hotwords, self.no_start = hotwords, no_start
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         root = self.hotwords.root
         taken_back, rows, tokens, values = [], [], [], []  # one tensor each for the whole batch
         for row, ids in enumerate(input_ids.tolist()):
-            node, earned = self.hotwords.state(ids)
+            no_start = self.no_start[row] if self.no_start else None
+            node, earned = self.hotwords.state(ids, no_start)
             back = 0.0 if node.ends_phrase else earned  # leaving an unfinished phrase returns its bonus
-            weights = {token: child.weight - back for token, child in root.children.items()}  # begin a phrase
+            barred = {token for prefix, token in no_start.get(len(ids), ()) if prefix == tuple(ids)} if no_start else set()
+            weights = {token: child.weight - back for token, child in root.children.items() if token not in barred}
             if node is not root:  # or go on with this one (wins over beginning one)
                 weights |= {token: child.weight for token, child in node.children.items()}
             taken_back.append(back)
@@ -101,3 +128,26 @@ class HotwordBonus(LogitsProcessor):
         bonus = -torch.tensor(taken_back, dtype=scores.dtype, device=scores.device)[:, None].repeat(1, scores.shape[1])
         bonus[rows, tokens] = torch.tensor(values, dtype=scores.dtype, device=scores.device)
         return scores + bonus
+
+
+def greedy_without_fragments(search, hotwords: Hotwords, hypotheses):
+    """Greedy search with the bonus, and no phrase left unfinished by it. Greedy cannot take back a
+    token the bonus chose once the phrase is abandoned (beam search drops such hypotheses), so a name
+    begun and left stays as a fragment ("in for R."). Here a phrase that a hypothesis began and left
+    may not begin after that same prefix, and the rows are searched again, until no row leaves a new
+    one: the search then goes where it would have gone without that phrase's bonus. A fragment the
+    LLM writes on its own comes back unchanged and ends the loop.
+    search(HotwordBonus) -> the search's output; hypotheses(output) -> each row's token ids (no end
+    of turn, no padding). A row's search sees only its own no_start, so batched equals one by one."""
+    no_start = None
+    while True:
+        out = search(HotwordBonus(hotwords, no_start))
+        rows = hypotheses(out)
+        no_start, new = no_start or [{} for _ in rows], False
+        for row, ids in enumerate(rows):
+            for position, prefix, token in hotwords.fragments(ids, no_start[row]):
+                if (prefix, token) not in no_start[row].setdefault(position, set()):
+                    no_start[row][position].add((prefix, token))
+                    new = True
+        if not new:
+            return out

@@ -9,7 +9,7 @@ trained. Confidence: the CTC posterior of the word's aligned tokens and the LLM'
 own tokens, each a geometric mean over the word; a word's `confidence` is the product of the two.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,11 +71,22 @@ def aligned_log_probs(log_probs: torch.Tensor, ids: list[int], spans: list[tuple
     return [float(log_probs[a:b + 1, token].mean()) for token, (a, b) in zip(ids, spans)]
 
 
+# CTC marks a token by a brief spike where it is recognized, not where its sound ends, so a word's last
+# spike comes before its end (median -0.27 s at the 13 clip ends of examples/ joined by silence). The
+# end is moved this far into the blank frames after it, never past the next word's start nor the
+# audio's end: the extension that put those 13 ends closest of 0-0.6 s (eval_words.py boundaries
+# prints the sweep; recipes/game_speech/README.md). Extending while the blank posterior stays below a
+# threshold did no better in a trial: after a spike it is near 1 whether the sound goes on or not.
+END_EXTENSION = 0.3  # seconds
+
+
 def words_from_tokens(token_texts: list[str], spans: list[tuple[int, int]], frame_log_probs: list[float],
-                      token_log_probs: list[float], seconds_per_frame: float, offset: float = 0.0) -> list[Word]:
+                      token_log_probs: list[float], seconds_per_frame: float, num_frames: int,
+                      offset: float = 0.0, end_extension: float | None = None) -> list[Word]:
     """Tokens -> words, the transcript's whitespace-separated words: a token whose text starts with a
     space starts a word (as the repetition guard joins them). frame_log_probs: per token, the mean CTC
-    log-posterior of its aligned frames; token_log_probs: the LLM's per token."""
+    log-posterior of its aligned frames; token_log_probs: the LLM's per token; num_frames: the audio
+    tokens aligned (no word ends past them); end_extension (None: END_EXTENSION): see extend_ends."""
     groups = []  # token indices of each word
     for i, text in enumerate(token_texts):
         if not groups or text[:1].isspace():
@@ -93,7 +104,14 @@ def words_from_tokens(token_texts: list[str], spans: list[tuple[int, int]], fram
         words.append(Word(text, round(offset + start * seconds_per_frame, 3), round(offset + (end + 1) * seconds_per_frame, 3),
                           math.exp(sum(frame_log_probs[i] for i in group) / len(group)),
                           math.exp(sum(token_log_probs[i] for i in group) / len(group))))
-    return words
+    return extend_ends(words, END_EXTENSION if end_extension is None else end_extension,
+                       round(offset + num_frames * seconds_per_frame, 3))
+
+
+def extend_ends(words: list[Word], extension: float, audio_end: float) -> list[Word]:
+    """Each word's end moved `extension` seconds later, but not past the next word's start nor audio_end."""
+    limits = [w.start for w in words[1:]] + [audio_end]
+    return [replace(w, end=round(max(w.end, min(w.end + extension, limit)), 3)) for w, limit in zip(words, limits)]
 
 
 def ctm_lines(key: str, words: list[Word]) -> list[str]:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hotwords import DEFAULT_WEIGHT, HotwordBonus, Hotwords
+from hotwords import DEFAULT_WEIGHT, HotwordBonus, Hotwords, greedy_without_fragments
 
 VOCAB = ["<eos>", "the", " the", "joe", " joe", "king", " king", "joking", " joking", "lin", " lin", "ux", " said"]
 
@@ -39,14 +39,25 @@ def test_a_finished_phrase_keeps_its_bonus_an_unfinished_one_loses_it():
     assert bonus_along(hotwords, ids("the", " said")) == 0.0
 
 
-def greedy(hotwords, table, steps=3):
+def greedy_once(table, processors, steps=3):
     """Greedy decoding over a fixed 'LLM': table[step] gives the log-probs of every token."""
-    path, processors = [], [HotwordBonus(hotwords)] if hotwords else []
+    path = []
     for step in range(steps):
         scores = table[step].clone()[None]
         for processor in processors:
             scores = processor(torch.tensor([path]), scores)
         path.append(int(scores.argmax()))
+        if path[-1] == 0:  # <eos>
+            break
+    return path
+
+
+def greedy(hotwords, table, steps=3):
+    """As decoding.py searches greedily: with a list, through greedy_without_fragments."""
+    if hotwords is None:
+        return [VOCAB[t] for t in greedy_once(table, [], steps)]
+    path = greedy_without_fragments(lambda bonus: greedy_once(table, [bonus], steps), hotwords,
+                                    lambda path: [[t for t in path if t != 0]])
     return [VOCAB[t] for t in path]
 
 
@@ -65,6 +76,35 @@ def test_the_list_flips_a_common_word_to_the_rare_one_and_forces_in_no_unspoken_
     assert greedy(Hotwords.from_lines(["joe king 1.0"], tokenizer), table) == ["the", " joe", " king"]
     # a listed phrase the audio does not support (-20) stays out
     assert greedy(Hotwords.from_lines(["linux"], tokenizer), table) == ["the", " joking", "<eos>"]
+
+
+def test_greedy_search_leaves_no_fragment_of_a_phrase_the_bonus_began():
+    # the bonus makes " joe" win over " joking" (-1.2 + 1.0 > -0.5), but " king" is impossible after
+    # it: searched once, greedy is stuck with " joe" and ends there (the bonus taken back too late)
+    table = [log_probs({"the": -0.1}), log_probs({" joking": -0.5, " joe": -1.2}), log_probs({"<eos>": -0.1})]
+    hotwords = Hotwords.from_lines(["joe king 1.0"], tokenizer)
+    assert [VOCAB[t] for t in greedy_once(table, [HotwordBonus(hotwords)])] == ["the", " joe", "<eos>"]
+    assert greedy(hotwords, table) == ["the", " joking", "<eos>"]
+    # the same where the search runs out of steps inside the phrase
+    table[2] = log_probs({"<eos>": -0.1, " king": -2.0})
+    assert [VOCAB[t] for t in greedy_once(table, [HotwordBonus(hotwords)], steps=2)] == ["the", " joe"]
+    assert greedy(hotwords, table, steps=2) == ["the", " joking"]
+    # a fragment the LLM writes on its own (" joe" first even without the bonus) stays
+    table[1] = log_probs({" joking": -1.5, " joe": -0.2})
+    table[2] = log_probs({"<eos>": -0.1})
+    assert greedy(hotwords, table) == greedy(None, table) == ["the", " joe", "<eos>"]
+
+
+def test_fragments_and_where_a_phrase_may_not_begin():
+    hotwords = Hotwords([("joe king", 2.0), ("linux", 1.0)], tokenizer)
+    path = ids("the", " joe", " said", " joe", " king", " lin")
+    assert hotwords.fragments(path) == [(1, tuple(path[:1]), path[1]), (5, tuple(path[:5]), path[5])]
+    no_start = {1: {(tuple(path[:1]), path[1])}}
+    assert hotwords.fragments(path, no_start) == [(5, tuple(path[:5]), path[5])]
+    assert hotwords.state(path[:2], no_start)[0] is hotwords.root  # " joe" there begins nothing
+    assert hotwords.state(path[:4], no_start)[0].depth == 1  # but it does later
+    bonus = HotwordBonus(hotwords, [no_start])(torch.tensor([path[:1]]), torch.zeros(1, len(VOCAB)))[0]
+    assert bonus[VOCAB.index(" joe")] == 0.0 and bonus[VOCAB.index(" lin")] == 1.0
 
 
 def test_rows_are_biased_independently():

@@ -59,10 +59,16 @@ def test_words_join_tokens_and_take_their_times_and_confidences():
     texts = [" Hel", "lo", ",", " wor", "ld", " !", " 42"]
     spans = [(0, 1), (2, 2), (4, 4), (5, 6), (7, 7), (9, 9), (10, 11)]
     ctc, llm = [math.log(0.5)] * 7, [math.log(0.8)] * 7
-    words = words_from_tokens(texts, spans, ctc, llm, seconds_per_frame=0.1, offset=30.0)
+    words = words_from_tokens(texts, spans, ctc, llm, seconds_per_frame=0.1, num_frames=20, offset=30.0, end_extension=0.0)
     # trailing punctuation joins the word's text, not its time: CTC places it late
     assert [(w.text, w.start, w.end) for w in words] == [("Hello,", 30.0, 30.3), ("world", 30.5, 30.8), ("!", 30.9, 31.0),
                                                          ("42", 31.0, 31.2)]
+    # each end moved 0.3 s past its last spike, but not past the next word's start nor the audio's end
+    for num_frames, last_end in ((20, 31.5), (13, 31.3)):
+        words = words_from_tokens(texts, spans, ctc, llm, seconds_per_frame=0.1, num_frames=num_frames, offset=30.0)
+        assert [(w.start, w.end) for w in words] == [(30.0, 30.5), (30.5, 30.9), (30.9, 31.0), (31.0, last_end)]
+    far = words_from_tokens([" a", " b"], [(0, 0), (9, 9)], [0.0] * 2, [0.0] * 2, seconds_per_frame=0.1, num_frames=10)
+    assert [(w.start, w.end) for w in far] == [(0.0, 0.4), (0.9, 1.0)]  # a pause after "a": 0.3 s of it
     assert words[0].confidence == pytest.approx(0.4)
     log_probs = posteriors([1, 1, 5, 2])
     assert aligned_log_probs(log_probs, [1, 2], [(0, 1), (3, 3)]) == pytest.approx([math.log(0.9)] * 2)

@@ -3,16 +3,18 @@ the tiny random models: files well formed and in input order, long recordings in
 resumable, batched as one by one."""
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import soundfile
 import torch
 from conftest import synth_audio
-from test_decoding import ctc_model  # noqa: F401 (a fixture)
+from test_decoding import ctc_model, one_utterance, unpadded  # noqa: F401 (a fixture)
 from test_model import make_batch
 
 import recognize
 from decoding import DecodingOptions, decode
+from hotwords import Hotwords
 
 
 def write_recordings(folder):
@@ -73,6 +75,49 @@ def test_recognize_writes_ctm_and_subtitles_in_recording_time_and_resumes_to_the
         assert open(f"{second}{suffix}").read() == open(f"{first}{suffix}").read(), suffix
 
 
+def vtt_cues(text: str) -> list[tuple[float, float, str]]:
+    """A WebVTT file -> (start, end, text) of each cue; an assertion error unless the whole file is the
+    header, then cues of a timing line and one line of text, each followed by a blank line."""
+    time = r"(\d\d):(\d\d):(\d\d)\.(\d{3})"
+    cue = rf"{time} --> {time}\n((?:(?!-->)[^\n])+)\n\n"
+    assert re.fullmatch(rf"WEBVTT\n\n(?:{cue})*", text), text
+    seconds = lambda h, m, s, ms: 3600 * int(h) + 60 * int(m) + int(s) + int(ms) / 1000  # noqa: E731
+    return [(seconds(*m[:4]), seconds(*m[4:8]), m[8]) for m in re.findall(cue, text)]
+
+
+def test_recognize_writes_webvtt_that_parses_back_in_order_and_resumes_to_the_same_files(ctc_model, tmp_path, monkeypatch):
+    ctc_model.save_pretrained(tmp_path / "model")
+    jsonl, durations = write_recordings(tmp_path / "data")
+    common = ["--model_dir", str(tmp_path / "model"), "--data_path", str(jsonl), "--batch_size", "2",
+              "--max_new_tokens", "5", "--ctc_decode_weight", "0.3", "--chunk_seconds", "20", "--subtitles", "vtt"]
+    first = tmp_path / "first.txt"
+    hyps = recognize.main(common + ["--result_path", str(first)])
+    assert sorted(p.name for p in (tmp_path / "first.txt.subtitles").iterdir()) == sorted(f"{k}.vtt" for k in durations)
+    for key, duration in durations.items():
+        cues = vtt_cues((tmp_path / "first.txt.subtitles" / f"{key}.vtt").read_text())
+        assert cues and " ".join(text for _, _, text in cues).split() == hyps[key].split()
+        assert all(0 <= a <= b for a, b, _ in cues) and cues[-1][1] <= duration + 0.1
+        assert all(b <= c for (_, b, _), (c, _, _) in zip(cues, cues[1:]))  # in order, none overlapping
+    assert vtt_cues((tmp_path / "first.txt.subtitles" / "long.vtt").read_text())[-1][0] > 20.0  # in recording time
+
+    second = tmp_path / "second.txt"  # a run killed after its first batch, then run again: the same files
+    real_decode, calls = recognize.decode_batch, []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_decode(*args, **kwargs)
+    monkeypatch.setattr(recognize, "decode_batch", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        recognize.main(common + ["--result_path", str(second)])
+    monkeypatch.setattr(recognize, "decode_batch", real_decode)
+    assert recognize.main(common + ["--result_path", str(second)]) == hyps
+    for key in durations:
+        suffix = f".subtitles/{key}.vtt"
+        assert open(f"{second}{suffix}").read() == open(f"{first}{suffix}").read(), suffix
+
+
 def test_transcribe_words_batched_as_one_by_one_and_need_a_ctc_head(ctc_model, tiny_model):
     audio = [synth_audio(5, 1.5), synth_audio(6, 2.5)]
     together = ctc_model.transcribe(audio, word_timestamps=True, max_new_tokens=5, ctc_decode_weight=0.3)
@@ -98,6 +143,22 @@ def test_ctc_fallback_writes_ctcs_path_where_the_llm_strays_from_it(ctc_model):
     assert texts(llm) != texts(ctc)  # a random LLM and its CTC head disagree
     assert [t.replace("<|im_end|>", "") for t in texts(strict)] == [t.replace("<|im_end|>", "") for t in texts(ctc)]
     assert torch.equal(lenient, llm)
+
+
+def test_greedy_with_hotwords_leaves_no_fragment_of_a_phrase(ctc_model):
+    """A bonus of 100 a token makes greedy search begin "Joe King" wherever it may: as "J" "oe" " King"
+    or as " Joe" " King". Searched once, with two tokens allowed, the first would be left unfinished."""
+    batch = make_batch(ctc_model, [1.0, 2.0], inference=True)
+    hotwords = Hotwords.from_lines(["Joe King 100"], ctc_model.tokenizer)
+    phrase = ctc_model.tokenizer(" Joe King", add_special_tokens=False)["input_ids"]
+    assert len(phrase) == 2 and len(ctc_model.tokenizer("Joe King", add_special_tokens=False)["input_ids"]) == 3
+    options = DecodingOptions(ctc_decode_weight=0.3, max_new_tokens=2)
+    assert decode(ctc_model, batch, replace(options, hotwords=hotwords)).tolist() == [phrase] * 2  # the one that fits
+    plain, biased = (decode(ctc_model, batch, replace(options, max_new_tokens=1, hotwords=h)) for h in (None, hotwords))
+    assert torch.equal(biased, plain)  # none fits: no fragment, the search as without the list
+    options = DecodingOptions(ctc_decode_weight=0.3, max_new_tokens=6, hotwords=Hotwords.from_lines(["Joe King 2"], ctc_model.tokenizer))
+    together = [unpadded(ctc_model, ids) for ids in decode(ctc_model, batch, options)]
+    assert together == [unpadded(ctc_model, decode(ctc_model, one_utterance(batch, i), options)[0]) for i in range(2)]
 
 
 def test_recognize_reads_hotwords_and_names_a_bad_line(ctc_model, tmp_path, capsys):

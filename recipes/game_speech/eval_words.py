@@ -11,7 +11,8 @@ confidence, hotword biasing and the CTC fallback (README "Word timestamps, confi
 
 boundaries: the clips joined by --gap seconds of silence into one recording, decoded as transcribe()
 does (pieces of at most 30 s); per clip, the first word's start against its speech onset and the last
-word's end against its offset (frames of 10 ms above --threshold_db below the clip's loudest).
+word's end against its offset (frames of 10 ms above --threshold_db below the clip's loudest), the ends
+with timestamps.END_EXTENSION and with each of --end_extensions (one decoding).
 confidence: decodes DEV with recognize.py's own decoding (--confidence --timestamps; writes OUT.txt,
 OUT.txt.ctm, OUT.txt.confidence.jsonl and OUT.words.jsonl, the words with CTC and LLM confidence) and
 reports the AUC of each confidence for correct against substituted/inserted words.
@@ -31,6 +32,8 @@ from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import recognize  # noqa: E402
+import timestamps  # noqa: E402
+from audio import long_audio_pieces  # noqa: E402
 from compute_wer import Utterance, align, read_hypotheses, score, tokenize  # noqa: E402
 from data import SAMPLE_RATE, check_entries, load_entry_audio, read_jsonl  # noqa: E402
 from model import SpeechLLM  # noqa: E402
@@ -66,28 +69,51 @@ def boundaries(args):
         parts += [samples, gap]
         t = end + args.gap
     recording = np.concatenate(parts[:-1])
-    out = load_model(args.model_dir).transcribe(recording, word_timestamps=True)[0]
-    words = out["words"]
-    starts, ends, in_gaps = [], [], []
-    for i, (key, start, end, onset, offset) in enumerate(clips):
+    # decoded once with each word ending at its last token's CTC spike; every end extension from that
+    shipped, timestamps.END_EXTENSION = timestamps.END_EXTENSION, 0.0
+    try:
+        spikes = load_model(args.model_dir).transcribe(recording, word_timestamps=True)[0]["words"]
+    finally:
+        timestamps.END_EXTENSION = shipped
+    pieces = [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in long_audio_pieces(recording, 30.0)]  # as transcribe cuts
+
+    def extended(extension):  # as words_from_tokens extends them, within each piece
+        return [w for a, b in pieces for w in timestamps.extend_ends([w for w in spikes if a <= w.start < b], extension, b)]
+
+    for extension in sorted(set(args.end_extensions) - {shipped}):
+        starts, ends, _ = clip_errors(clips, extended(extension), args.gap)
+        print(f"end extension {extension:.2f} s: " + summary("last word end - offset", ends))
+    words = extended(shipped)
+    starts, ends, in_gaps = clip_errors(clips, words, args.gap, verbose=True)
+    print(f"\n{len(clips)} clips, {len(recording) / SAMPLE_RATE:.1f} s, {len(words)} words; "
+          f"{len(clips) - len(starts)} clips without a word; end extension {shipped} s (timestamps.END_EXTENSION)")
+    print(summary("first word start - onset", starts))
+    print(summary("last word end - offset", ends))
+    print(f"words in the silences between clips: {len(in_gaps)} {[(w.text, w.start, w.end) for w in in_gaps]}")
+
+
+def clip_errors(clips, words, gap, verbose=False):
+    """-> per clip with a word, its first word's start - its onset and its last word's end - its offset;
+    the words within the inserted silences, touching no clip."""
+    starts, ends = [], []
+    for key, start, end, onset, offset in clips:
         # a clip's words: those whose middle lies within it or within half the silence on either side
-        lo, hi = start - args.gap / 2, end + args.gap / 2
+        lo, hi = start - gap / 2, end + gap / 2
         mine = [w for w in words if lo <= (w.start + w.end) / 2 < hi]
         if mine:
             starts.append(mine[0].start - onset)
             ends.append(mine[-1].end - offset)
-        print(f"{key}: onset {onset:.2f} first word {mine[0].start if mine else float('nan'):.2f}, offset {offset:.2f} "
-              f"last word {mine[-1].end if mine else float('nan'):.2f}: {' '.join(w.text for w in mine)}")
-    for w in words:  # a word within the inserted silence, touching no clip
-        if not any(w.end > start and w.start < end for _, start, end, _, _ in clips):
-            in_gaps.append(w)
-    print(f"\n{len(clips)} clips, {len(recording) / SAMPLE_RATE:.1f} s, {len(words)} words; "
-          f"{len(clips) - len(starts)} clips without a word")
-    for name, errors in (("first word start - onset", starts), ("last word end - offset", ends)):
-        e = np.array(errors)
-        print(f"{name}: mean {e.mean():+.3f} s, mean |error| {np.abs(e).mean():.3f} s, "
-              f"within 0.1 s {np.mean(np.abs(e) <= 0.1 + 1e-9):.0%}, within 0.2 s {np.mean(np.abs(e) <= 0.2 + 1e-9):.0%}")
-    print(f"words in the silences between clips: {len(in_gaps)} {[(w.text, w.start, w.end) for w in in_gaps]}")
+        if verbose:
+            print(f"{key}: onset {onset:.2f} first word {mine[0].start if mine else float('nan'):.2f}, offset {offset:.2f} "
+                  f"last word {mine[-1].end if mine else float('nan'):.2f}: {' '.join(w.text for w in mine)}")
+    in_gaps = [w for w in words if not any(w.end > start and w.start < end for _, start, end, _, _ in clips)]
+    return starts, ends, in_gaps
+
+
+def summary(name, errors) -> str:
+    e = np.array(errors)
+    return (f"{name}: median {np.median(e):+.3f} s, mean {e.mean():+.3f} s, mean |error| {np.abs(e).mean():.3f} s, "
+            f"within 0.1 s {np.mean(np.abs(e) <= 0.1 + 1e-9):.0%}, within 0.2 s {np.mean(np.abs(e) <= 0.2 + 1e-9):.0%}")
 
 
 def decode_with_words(args) -> dict[str, dict]:
@@ -198,6 +224,8 @@ def main(argv=None):
     b.add_argument("--limit", type=int, default=None, help="the first N clips")
     b.add_argument("--gap", type=float, default=1.0, help="seconds of silence between clips")
     b.add_argument("--threshold_db", type=float, default=35.0, help="speech: 10 ms frames within this of the loudest")
+    b.add_argument("--end_extensions", type=float, nargs="*", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                   help="seconds past the last CTC spike: word ends measured with each (and the shipped one)")
     for name in ("confidence", "fallback"):
         c = sub.add_parser(name)
         c.add_argument("--model_dir", default="pretrained/whisper-tiny.en_smollm2-135m")
