@@ -70,6 +70,18 @@ def test_runs_differing_only_in_how_they_trained_average(tiny_model, tiny_config
     assert SpeechLLM.from_pretrained(tmp_path / "avg").config == tiny_model.config  # the first dir's
 
 
+def test_runs_on_other_data_average_with_the_larger_token_budget(tiny_model, tiny_config, tmp_path):
+    """The decoding token budget is measured on each run's training data: the mean keeps the larger."""
+    tiny_model.save_pretrained(tmp_path / "a")
+    SpeechLLM(replace(tiny_config, max_tokens_per_second=tiny_config.max_tokens_per_second + 1.5,
+                      max_tokens_extra=tiny_config.max_tokens_extra - 1)).save_pretrained(tmp_path / "b")
+    average(["--dirs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "avg")])
+    config = SpeechLLM.from_pretrained(tmp_path / "avg").config
+    assert config.max_tokens_per_second == tiny_config.max_tokens_per_second + 1.5
+    assert config.max_tokens_extra == tiny_config.max_tokens_extra
+    assert replace(config, max_tokens_per_second=tiny_config.max_tokens_per_second) == tiny_model.config
+
+
 def test_float16_copy_halves_the_file_and_loads_into_fp32(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "a")
     average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "half"), "--dtype", "float16"])

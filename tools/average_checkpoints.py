@@ -63,11 +63,20 @@ def select(output_dir: Path, last: int | None, best: int | None) -> list[Path]:
 # Fields that change how a run trains, not the model it makes: runs that differ only there (a later
 # stage with SpecAugment on) average into a model of the first dir's configuration.
 TRAINING_ONLY = ("spec_augment", "lora_dropout")
+# The decoding token budget measured on each run's training data (train.training_token_rate): runs on
+# other data differ there; the mean takes the largest budget, one that fits every run's transcripts.
+MEASURED_BUDGET = ("max_tokens_per_second", "max_tokens_extra")
 
 
 def model_config(model_dir: Path) -> dict:
     config = json.loads((model_dir / CONFIG_NAME).read_text())
-    return {k: v for k, v in sorted(config.items()) if k not in TRAINING_ONLY}
+    return {k: v for k, v in sorted(config.items()) if k not in TRAINING_ONLY + MEASURED_BUDGET}
+
+
+def merged_config(dirs: list[Path]) -> dict:
+    """The first dir's configuration, with the largest token budget of all dirs."""
+    configs = [json.loads((d / CONFIG_NAME).read_text()) for d in dirs]
+    return dict(configs[0], **{k: max(c[k] for c in configs) for k in MEASURED_BUDGET if k in configs[0]})
 
 
 def interpolate_encoder(weights: dict[str, torch.Tensor], whisper_model: str, alpha: float) -> dict[str, torch.Tensor]:
@@ -113,7 +122,8 @@ def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None, 
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         save_file(mean, tmp / name)
     # the rest of a model dir (config, an LLM dir's config and tokenizer); not a checkpoint's optimizer state
-    for path in [dirs[0] / CONFIG_NAME, *(dirs[0] / "llm").glob("*")]:
+    (tmp / CONFIG_NAME).write_text(json.dumps(merged_config(dirs), indent=2) + "\n")
+    for path in (dirs[0] / "llm").glob("*"):
         if path.is_file() and path.suffix != ".safetensors":
             (tmp / path.relative_to(dirs[0])).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, tmp / path.relative_to(dirs[0]))

@@ -3,7 +3,8 @@
 # training on CPU, warm-started from the TTS-trained projector (stage 1), then + the encoder's top
 # blocks (stage 3, in OUT/stage3), then more of the same (stage 4, in OUT/stage4), then all encoder
 # blocks on a mix that adds Beneath a Steel Sky's voices (stages 5-7, in OUT/stage5 ... OUT/stage7), then
-# the same with SpecAugment (stage 8, OUT/stage8), averaged with stage 7. Every step is resumable:
+# the same with SpecAugment (stage 8, OUT/stage8), averaged with stage 7, then broad text (stage 9,
+# OUT/stage9; FROM_STAGE=9 runs it alone, from stage 8 as shipped). Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
 #   bash recipes/game_speech/train_real_speech.sh exp/real [extra train.py flags]
@@ -25,7 +26,7 @@ shipped_model 97b4956 "$init"
 [ -f corpus/real/dev.jsonl ] || python recipes/game_speech/make_real_speech.py --out corpus/real --teacher none
 [ -f corpus/dev.jsonl ] || python recipes/game_speech/make_corpus.py --out corpus --num_train 4000 --num_dev 300 --jobs 2
 [ -f corpus/bass/dev.jsonl ] || python recipes/game_speech/make_bass_speech.py --out corpus/bass
-[ -f corpus/mix2/train.jsonl ] || python recipes/game_speech/make_training_mix.py \
+[ "${FROM_STAGE:-2}" -gt 8 ] || [ -f corpus/mix2/train.jsonl ] || python recipes/game_speech/make_training_mix.py \
   --sources corpus/train.jsonl corpus/real/train.jsonl corpus/bass/train.jsonl --out corpus/mix2 --jobs 2
 common=(--data_path corpus/mix/train.jsonl --eval_data_path corpus/real/dev.jsonl
   --lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2
@@ -89,6 +90,7 @@ fi  # FROM_STAGE
 # with one scale per row, commit 690a65c), taken from git history like stage 1, so FROM_STAGE=8 runs
 # it without stages 2-7 (and a full run starts it from that file too, not from OUT/stage7). The
 # shipped model is the mean of the two, in int8 (OUT/shipped; its float16 copy, OUT/shipped_fp16).
+if [ "${FROM_STAGE:-2}" -le 8 ]; then  # (FROM_STAGE=9 skips it)
 init8=$out/stage7_shipped
 shipped_model 690a65c "$init8"
 if [ ! -d "$out/stage8/checkpoint-400" ]; then
@@ -101,3 +103,25 @@ for dtype in int8 float16; do
   ship=$out/shipped$([ $dtype = int8 ] || echo _fp16)
   [ -d "$ship" ] || python tools/average_checkpoints.py --dirs "$init8" "$out/stage8/checkpoint-400" --out "$ship" --dtype $dtype
 done
+fi
+# Stage 9 (issue 32: text beyond the games): the same parts from stage 8 as shipped (commit 3cbe8e4,
+# taken from git history, so FROM_STAGE=9 runs it alone), on corpus/mix3: mix2's sources plus
+# corpus/broad, 7,000 TTS utterances of manual-page prose, WordNet glosses and numbers written in
+# digits (make_broad_corpus.py; the OOD dev sets' texts excluded). A lower peak (lr 2e-4, encoder
+# 5e-5) over 400 steps, seed 6, SpecAugment on; one eval at the end.
+if [ "${FROM_STAGE:-2}" -le 9 ]; then
+init9=$out/stage8_shipped
+shipped_model 3cbe8e4 "$init9"
+[ -f corpus/ood/dev.jsonl ] || python recipes/game_speech/make_ood_dev.py --out corpus/ood --jobs 2
+[ -f corpus/ood_text/dev.jsonl ] || python recipes/game_speech/make_ood_dev.py --out corpus/ood_text --voices piper-joe --jobs 2
+[ -f corpus/broad/train.jsonl ] || python recipes/game_speech/make_broad_corpus.py --out corpus/broad \
+  --exclude corpus/ood/dev.jsonl corpus/ood_text/dev.jsonl --jobs 2
+[ -f corpus/mix3/train.jsonl ] || python recipes/game_speech/make_training_mix.py --sources corpus/train.jsonl \
+  corpus/real/train.jsonl corpus/bass/train.jsonl corpus/broad/train.jsonl --out corpus/mix3 --jobs 2
+if [ ! -d "$out/stage9/checkpoint-400" ]; then
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage9" "${common[@]}" --data_path corpus/mix3/train.jsonl \
+    --init_from "$init9" \
+    --train_encoder_layers 4 --encoder_learning_rate 5e-5 --spec_augment True \
+    --learning_rate 2e-4 --warmup_steps 20 --max_steps 400 --eval_steps 400 --seed 6 "$@"
+fi
+fi

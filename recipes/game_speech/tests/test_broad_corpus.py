@@ -1,0 +1,85 @@
+"""recipes/game_speech/make_broad_corpus.py: broad training text that keeps the OOD dev sets unseen,
+in voices the OOD dev never uses, made the same twice."""
+import json
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this recipe
+
+import make_broad_corpus as broad  # noqa: E402
+import make_ood_dev as ood  # noqa: E402
+from compute_wer import tokenize  # noqa: E402
+
+needs_tts = pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("sox")),
+                               reason="espeak-ng or sox missing: bash recipes/game_speech/install_tts.sh")
+OOD_TEXT = "Your call may be recorded for quality and training purposes."
+
+
+def small_sources(monkeypatch):
+    """A few man-page sentences (one sharing 6 words with OOD_TEXT) and glosses, instead of the
+    installed ones (fast)."""
+    man = [(f"Sentence {w} of this page is plain prose.", f"page{w}.1") for w in ("one", "two", "three", "four")]
+    man.append(("Every call may be recorded for quality and training purposes here.", "leak.1"))
+    monkeypatch.setattr(ood, "man_sentences", lambda pages: man)
+    monkeypatch.setattr(broad, "glosses", lambda: ["A small round fruit with a hard stone.",
+                                                   "Of or relating to the sea."])
+
+
+def exclude_file(tmp_path) -> str:
+    path = tmp_path / "ood.jsonl"
+    path.write_text(json.dumps(dict(key="k", txt=OOD_TEXT, spoken=OOD_TEXT)) + "\n")
+    return str(path)
+
+
+def test_numbers_are_written_in_digits_and_score_as_spoken():
+    rng, kept, kinds = random.Random(0), 0, set()
+    for _ in range(500):
+        kind, written, spoken = broad.number_sentence(rng)
+        kinds.add(kind)
+        assert re.search(r"\d", written) and not re.search(r"\d", spoken)
+        kept += tokenize(written) == tokenize(spoken)
+    assert kept >= 450 and len(kinds) == 11
+
+
+def test_plan_leaves_out_the_ood_text_and_voices(tmp_path, monkeypatch):
+    small_sources(monkeypatch)
+    exclude = broad.Exclude([exclude_file(tmp_path)])
+    items = broad.plan(0, 10, 10, 20, exclude)
+    texts = [e["txt"] for e in items]
+    assert not any("recorded for quality" in t for t in texts)  # shares 6 words with the OOD text
+    assert len([t for t in texts if t.startswith("Sentence")]) == 4 and len(items) == 4 + 2 + 20
+    assert items == broad.plan(0, 10, 10, 20, exclude)  # deterministic
+    ood_variants = {v.split("+")[1] for v in ood.VOICES}
+    ood_accents = {v.split("+")[0] for v in ood.VOICES} - set(broad.ESPEAK_ACCENTS)
+    for e in items:
+        assert e["voice"] in ood.TRAINED_VOICES or "+" in e["voice"]
+        if "+" in e["voice"]:
+            accent, variant = e["voice"].split("+")
+            assert accent in broad.ESPEAK_ACCENTS and variant not in ood_variants and accent not in ood_accents
+    assert not set(broad.ESPEAK_VARIANTS) & ood_variants
+
+
+@needs_tts
+def test_small_corpus_is_deterministic_and_resumes(tmp_path, monkeypatch):
+    small_sources(monkeypatch)
+    # espeak-ng only: fast and always installed with sox
+    monkeypatch.setattr(broad, "VOICES", [("espeak", 1)])
+    args = ["--exclude", exclude_file(tmp_path), "--num_man", "2", "--num_glosses", "1", "--num_numbers", "2"]
+    broad.main(["--out", str(tmp_path / "a"), *args, "--jobs", "1"])
+    broad.main(["--out", str(tmp_path / "b"), *args, "--jobs", "1"])
+    lines = (tmp_path / "a" / "train.jsonl").read_text()
+    assert lines == (tmp_path / "b" / "train.jsonl").read_text()
+    entries = [json.loads(x) for x in lines.splitlines()]
+    assert len(entries) == 5 and {e["source"].split(":")[0] for e in entries} == {"man", "gloss", "number"}
+    for e in entries:
+        a, b = (soundfile.read(tmp_path / d / e["wav"])[0] for d in "ab")
+        assert (a == b).all() and len(a) > 8000 and tokenize(e["txt"]) == tokenize(e["spoken"])
+    (tmp_path / "a" / entries[0]["wav"]).unlink()  # resumes: made again, identical
+    broad.main(["--out", str(tmp_path / "a"), *args, "--jobs", "1"])
+    assert (tmp_path / "a" / "train.jsonl").read_text() == lines
