@@ -383,7 +383,7 @@ def test_recognize_batch_seconds_decodes_as_batch_size_and_a_segment_as_its_cut_
     entries, _ = check_entries(read_jsonl(jsonl), None, for_training=False)
     entries = sorted(entries, key=lambda e: -e["duration"])
     args = SimpleNamespace(batch_seconds=3.0, batch_tokens=500, batch_size=16, decoding=DecodingOptions(max_new_tokens=6))
-    batches = recognize.decoding_batches(ctc_model, entries, args)
+    batches = recognize.decoding_batches(ctc_model.data_spec(), ctc_model.config, entries, args)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert [len(b) for b in batches] != [8] and max(len(b) for b in batches) > 1
     assert all(len(b) * max(entries[i]["duration"] for i in b) <= 3.0 or len(b) == 1 for b in batches)
