@@ -12,6 +12,7 @@ among its candidates (Hotwords.candidates), so the audio decides whether a phras
 search runs through greedy_without_fragments, which searches again where a phrase was begun and left.
 """
 import math
+from types import MappingProxyType
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,9 @@ class HotwordBonus(LogitsProcessor):
         taken_back, rows, tokens, values = [], [], [], []  # one tensor each for the whole batch
         for row, ids in enumerate(input_ids.tolist()):
             no_start = self.no_start[row] if self.no_start else None
+            if no_start is NO_BONUS:
+                taken_back.append(0.0)
+                continue
             node, earned = self.hotwords.state(ids, no_start)
             back = 0.0 if node.ends_phrase else earned  # leaving an unfinished phrase returns its bonus
             barred = {token for prefix, token in no_start.get(len(ids), ()) if prefix == tuple(ids)} if no_start else set()
@@ -130,7 +134,11 @@ class HotwordBonus(LogitsProcessor):
         return scores + bonus
 
 
-def greedy_without_fragments(search, hotwords: Hotwords, hypotheses):
+NO_BONUS = MappingProxyType({})  # a row's no_start that turns its bonus off (greedy_without_fragments' last resort)
+MAX_RESEARCHES = 3  # each is a whole greedy search of the batch again
+
+
+def greedy_without_fragments(search, hotwords: Hotwords, hypotheses, max_researches: int = MAX_RESEARCHES):
     """Greedy search with the bonus, and no phrase left unfinished by it. Greedy cannot take back a
     token the bonus chose once the phrase is abandoned (beam search drops such hypotheses), so a name
     begun and left stays as a fragment ("in for R."). Here a phrase that a hypothesis began and left
@@ -138,16 +146,24 @@ def greedy_without_fragments(search, hotwords: Hotwords, hypotheses):
     one: the search then goes where it would have gone without that phrase's bonus. A fragment the
     LLM writes on its own comes back unchanged and ends the loop.
     search(HotwordBonus) -> the search's output; hypotheses(output) -> each row's token ids (no end
-    of turn, no padding). A row's search sees only its own no_start, so batched equals one by one."""
-    no_start = None
+    of turn, no padding). A row's search sees only its own no_start, so batched equals one by one.
+    A common first token (" Sl" of "Sloth") can be begun and left at one place after another, each
+    costing a search of the batch: after max_researches, a row that still leaves a new fragment is
+    searched once more without any bonus (plain greedy: the bonus leaves nothing there)."""
+    no_start, researches = None, 0
     while True:
         out = search(HotwordBonus(hotwords, no_start))
         rows = hypotheses(out)
-        no_start, new = no_start or [{} for _ in rows], False
+        no_start, new = no_start or [{} for _ in rows], set()
         for row, ids in enumerate(rows):
+            if no_start[row] is NO_BONUS:
+                continue
             for position, prefix, token in hotwords.fragments(ids, no_start[row]):
                 if (prefix, token) not in no_start[row].setdefault(position, set()):
                     no_start[row][position].add((prefix, token))
-                    new = True
+                    new.add(row)
         if not new:
             return out
+        researches += 1
+        if researches > max_researches:
+            no_start = [NO_BONUS if row in new else rule for row, rule in enumerate(no_start)]

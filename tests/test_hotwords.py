@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hotwords import DEFAULT_WEIGHT, HotwordBonus, Hotwords, greedy_without_fragments
+from hotwords import DEFAULT_WEIGHT, NO_BONUS, HotwordBonus, Hotwords, greedy_without_fragments
 
 VOCAB = ["<eos>", "the", " the", "joe", " joe", "king", " king", "joking", " joking", "lin", " lin", "ux", " said"]
 
@@ -93,6 +93,24 @@ def test_greedy_search_leaves_no_fragment_of_a_phrase_the_bonus_began():
     table[1] = log_probs({" joking": -1.5, " joe": -0.2})
     table[2] = log_probs({"<eos>": -0.1})
     assert greedy(hotwords, table) == greedy(None, table) == ["the", " joe", "<eos>"]
+
+
+def test_greedy_searches_again_a_bounded_number_of_times_then_without_the_bonus():
+    """Each search again costs a whole greedy search: past max_researches, a row still leaving a new
+    fragment is searched without any bonus, i.e. as plain greedy search."""
+    table = [log_probs({"the": -0.1}), log_probs({" joking": -0.5, " joe": -1.2}), log_probs({"<eos>": -0.1})]
+    hotwords = Hotwords.from_lines(["joe king 1.0"], tokenizer)
+    calls = []
+
+    def search(bonus):
+        calls.append(bonus.no_start)
+        return greedy_once(table, [bonus], 3)
+
+    path = greedy_without_fragments(search, hotwords, lambda path: [[t for t in path if t != 0]], max_researches=0)
+    assert [VOCAB[t] for t in path] == greedy(None, table) == ["the", " joking", "<eos>"]
+    assert len(calls) == 2 and calls[1] == [NO_BONUS] and calls[1][0] is NO_BONUS
+    bonus = HotwordBonus(hotwords, [NO_BONUS])(torch.tensor([ids("the")]), torch.zeros(1, len(VOCAB)))
+    assert torch.equal(bonus, torch.zeros(1, len(VOCAB)))  # no bonus, nothing taken back
 
 
 def test_fragments_and_where_a_phrase_may_not_begin():
