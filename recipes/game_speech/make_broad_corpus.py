@@ -5,13 +5,12 @@
       python recipes/game_speech/make_ood_dev.py --out corpus/ood_text --voices piper-joe   # the texts to stay clear of
     python recipes/game_speech/make_broad_corpus.py --out corpus/broad --exclude corpus/ood/dev.jsonl corpus/ood_text/dev.jsonl
 
-Issue 32 found the shipped model's failure on new text in a voice it knows (48% WER where Whisper
+Issue 32 found stage 8's failure on new text in a voice it knows (48% WER where Whisper
 tiny.en scores 13%): it writes the games' words and glues digits to words. This corpus adds text the
 games never say, spoken by the training voices and by new espeak-ng speakers, through the same kinds
 of channel the training mix already has:
 - Prose from the English manual pages of installed packages *other than* make_ood_dev.py's (the man
-  pages project's sections 2-7, git, gdb, vim, gpg, openssl, ...). alsa-utils is left out (its test
-  data is reserved for independent evaluation, and its pages with it, to be safe).
+  pages project's sections 2-7, git, gdb, vim, gpg, openssl, ...: the fixed list MAN_PACKAGES).
 - WordNet glosses (definitions, not the usage examples make_corpus.py already speaks), as sentences.
 - Numbers as a transcriber writes them: counts, years, money, ordinals, decimals, percentages, room
   and route numbers, spoken in words and written in digits, in carrier sentences of their own (not
