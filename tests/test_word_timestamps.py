@@ -35,6 +35,23 @@ def srt_times(text: str) -> list[tuple[float, float]]:
     return [(seconds(*m[:4]), seconds(*m[4:])) for m in re.findall(pattern, text, re.M)]
 
 
+def killed_after_one_batch_then_resumed(monkeypatch, argv: list[str]) -> dict:
+    """recognize.main(argv) killed as its second batch starts, then run again: -> what the second run returns."""
+    real_decode, calls = recognize.decode_batch, []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_decode(*args, **kwargs)
+    monkeypatch.setattr(recognize, "decode_batch", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        recognize.main(argv)
+    assert len(calls) == 2  # it was killed mid-run, not after the last batch
+    monkeypatch.setattr(recognize, "decode_batch", real_decode)
+    return recognize.main(argv)
+
+
 def test_recognize_writes_ctm_and_subtitles_in_recording_time_and_resumes_to_the_same_files(ctc_model, tmp_path, monkeypatch):
     ctc_model.save_pretrained(tmp_path / "model")
     jsonl, durations = write_recordings(tmp_path / "data")
@@ -57,20 +74,8 @@ def test_recognize_writes_ctm_and_subtitles_in_recording_time_and_resumes_to_the
     long_starts = [float(f[2]) for f in ctm if f[0] == "long"]
     assert max(long_starts) > 20.0  # the later pieces' words are in recording time, not their piece's
 
-    # a run killed after its first batch, then run again: the same files
-    second = tmp_path / "second.txt"
-    real_decode, calls = recognize.decode_batch, []
-
-    def crash_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_decode(*args, **kwargs)
-    monkeypatch.setattr(recognize, "decode_batch", crash_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        recognize.main(common + ["--result_path", str(second)])
-    monkeypatch.setattr(recognize, "decode_batch", real_decode)
-    assert recognize.main(common + ["--result_path", str(second)]) == hyps
+    second = tmp_path / "second.txt"  # a run killed after its first batch, then run again: the same files
+    assert killed_after_one_batch_then_resumed(monkeypatch, common + ["--result_path", str(second)]) == hyps
     for suffix in ["", ".ctm", ".subtitles/long.srt", ".subtitles/short0.srt"]:
         assert open(f"{second}{suffix}").read() == open(f"{first}{suffix}").read(), suffix
 
@@ -101,18 +106,7 @@ def test_recognize_writes_webvtt_that_parses_back_in_order_and_resumes_to_the_sa
     assert vtt_cues((tmp_path / "first.txt.subtitles" / "long.vtt").read_text())[-1][0] > 20.0  # in recording time
 
     second = tmp_path / "second.txt"  # a run killed after its first batch, then run again: the same files
-    real_decode, calls = recognize.decode_batch, []
-
-    def crash_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_decode(*args, **kwargs)
-    monkeypatch.setattr(recognize, "decode_batch", crash_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        recognize.main(common + ["--result_path", str(second)])
-    monkeypatch.setattr(recognize, "decode_batch", real_decode)
-    assert recognize.main(common + ["--result_path", str(second)]) == hyps
+    assert killed_after_one_batch_then_resumed(monkeypatch, common + ["--result_path", str(second)]) == hyps
     for key in durations:
         suffix = f".subtitles/{key}.vtt"
         assert open(f"{second}{suffix}").read() == open(f"{first}{suffix}").read(), suffix

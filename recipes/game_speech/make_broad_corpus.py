@@ -152,9 +152,8 @@ class Exclude:
     """The texts of --exclude (the OOD dev sets): whole sentences and NGRAM-word runs to stay clear of."""
 
     def __init__(self, paths: list[str]):
-        texts = [json.loads(line)["txt"] for path in paths for line in open(path) if line.strip()]
-        texts += [json.loads(line).get("spoken", "") for path in paths for line in open(path) if line.strip()]
-        self.inner = ood.TrainingText([t for t in texts if t])
+        entries = [json.loads(line) for path in paths for line in open(path) if line.strip()]
+        self.inner = ood.TrainingText([t for e in entries for t in (e["txt"], e.get("spoken")) if t])
 
     def overlaps(self, text: str) -> bool:
         return self.inner.overlaps(text)
