@@ -189,6 +189,7 @@ def plan(seed: int, num_man: int, num_glosses: int, num_numbers: int, exclude: E
     take(numbers, num_numbers)
 
     random.Random(f"{seed}/order").shuffle(items)
+    prefix = "broad" if seed == 0 else f"broad{seed}"  # corpora of other seeds train together: keys must differ
     names, weights = zip(*VOICES)
     for index, item in enumerate(items):
         r = random.Random(f"{seed}/utt/{index}")
@@ -196,7 +197,7 @@ def plan(seed: int, num_man: int, num_glosses: int, num_numbers: int, exclude: E
         item["voice"] = (f"{r.choice(ESPEAK_ACCENTS)}+{r.choice(ESPEAK_VARIANTS)}" if voice == "espeak" else voice)
         item["channel"] = r.choice(["clean", "clean", "telephone", "noisy"])
         item["speed"], item["pitch"] = r.randint(130, 200), r.randint(25, 75)  # espeak-ng words/min, 0-99
-        item["key"] = f"broad-{index:05d}-{item['source'].split(':')[0]}-{item['channel']}"
+        item["key"] = f"{prefix}-{index:05d}-{item['source'].split(':')[0]}-{item['channel']}"
         item["index"] = index
     return items
 

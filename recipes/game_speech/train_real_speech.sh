@@ -134,3 +134,19 @@ if [ "${FROM_STAGE:-2}" -le 10 ] && [ ! -d "$out/stage10/checkpoint-400" ]; then
     --train_encoder_layers 4 --encoder_learning_rate 3e-5 --spec_augment True \
     --learning_rate 1.5e-4 --warmup_steps 20 --max_steps 400 --eval_strategy no --seed 7 "$@"
 fi
+# Stage 11: wider text again. corpus/broad2 is 7,500 more broad utterances (seed 1; glosses weigh more,
+# numbers less, and corpus/broad's texts are excluded too, so none repeats); corpus/mix4 is mix3's
+# sources plus it. From stage10/checkpoint-400, the same parts and peak, 600 steps, seed 8.
+if [ "${FROM_STAGE:-2}" -le 11 ]; then
+[ -f corpus/broad2/train.jsonl ] || python recipes/game_speech/make_broad_corpus.py --out corpus/broad2 --seed 1 \
+  --num_man 3000 --num_glosses 3500 --num_numbers 1500 \
+  --exclude corpus/ood/dev.jsonl corpus/ood_text/dev.jsonl corpus/broad/train.jsonl --jobs 2
+[ -f corpus/mix4/train.jsonl ] || python recipes/game_speech/make_training_mix.py --sources corpus/train.jsonl \
+  corpus/real/train.jsonl corpus/bass/train.jsonl corpus/broad/train.jsonl corpus/broad2/train.jsonl --out corpus/mix4 --jobs 2
+if [ ! -d "$out/stage11/checkpoint-600" ]; then
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage11" "${common[@]}" --data_path corpus/mix4/train.jsonl \
+    --init_from "$out/stage10/checkpoint-400" \
+    --train_encoder_layers 4 --encoder_learning_rate 3e-5 --spec_augment True \
+    --learning_rate 1.5e-4 --warmup_steps 20 --max_steps 600 --eval_strategy no --seed 8 "$@"
+fi
+fi

@@ -65,6 +65,16 @@ def test_plan_leaves_out_the_ood_text_and_voices(tmp_path, monkeypatch):
     assert not set(broad.ESPEAK_VARIANTS) & ood_variants
 
 
+def test_a_second_seed_excluding_the_first_repeats_no_key_or_text(tmp_path, monkeypatch):
+    """Stage 11 trains corpus/broad (seed 0) and corpus/broad2 (seed 1, --exclude corpus/broad) together."""
+    small_sources(monkeypatch)
+    first = broad.plan(0, 10, 10, 20, broad.Exclude([exclude_file(tmp_path)]))
+    (tmp_path / "first.jsonl").write_text("".join(json.dumps(e) + "\n" for e in first))
+    second = broad.plan(1, 10, 10, 200, broad.Exclude([exclude_file(tmp_path), str(tmp_path / "first.jsonl")]))
+    assert second and not {e["key"] for e in first} & {e["key"] for e in second}
+    assert not {e["txt"] for e in first} & {e["txt"] for e in second}
+
+
 @needs_tts
 def test_small_corpus_is_deterministic_and_resumes(tmp_path, monkeypatch):
     small_sources(monkeypatch)
