@@ -30,10 +30,8 @@ import argparse
 import json
 import subprocess
 import random
-import re
 import sys
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import soundfile
@@ -228,14 +226,7 @@ def main(argv=None):
     for item in items:
         sources[item["source"].split(":")[0]] = sources.get(item["source"].split(":")[0], 0) + 1
     print(f"{len(items)} utterances planned: {sources}", flush=True)
-    (Path(args.out) / "wav").mkdir(parents=True, exist_ok=True)
-    counts = {}
-    with Pool(args.jobs) as pool:
-        tasks = [(args.out, item, args.seed) for item in items]
-        for n, (status, key) in enumerate(pool.imap(make_utterance, tasks, chunksize=4), 1):
-            counts[status] = counts.get(status, 0) + 1
-            if n % 500 == 0 or n == len(items):
-                print(f"{n}/{len(items)} {counts} {time.time() - start:.0f} s", flush=True)
+    counts = ood.synthesize(args.out, items, args.seed, args.jobs, make_utterance, report_every=500)
     total = 0.0
     with open(Path(args.out) / "train.jsonl", "w") as f:
         for item in items:

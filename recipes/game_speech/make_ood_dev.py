@@ -378,6 +378,19 @@ def make_utterance(task) -> tuple[str, str]:
     return "made", item["key"]
 
 
+def synthesize(out: str, items: list[dict], seed: int, jobs: int, make, report_every: int) -> dict[str, int]:
+    """make((out, item, seed)) -> (status, key) for every item on `jobs` processes, writing OUT/wav/<key>.wav,
+    with progress every report_every items -> how many items ended in each status."""
+    start, counts = time.time(), {}
+    (Path(out) / "wav").mkdir(parents=True, exist_ok=True)
+    with Pool(jobs) as pool:
+        for n, (status, _) in enumerate(pool.imap(make, [(out, item, seed) for item in items], chunksize=4), 1):
+            counts[status] = counts.get(status, 0) + 1
+            if n % report_every == 0 or n == len(items):
+                print(f"{n}/{len(items)} {counts} {time.time() - start:.0f} s", flush=True)
+    return counts
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -392,13 +405,7 @@ def main(argv=None):
 
     start = time.time()
     items = plan(args.seed, args.num_man, args.num_phrases, TrainingText(training_texts()), args.voices)
-    (Path(args.out) / "wav").mkdir(parents=True, exist_ok=True)
-    counts = {}
-    with Pool(args.jobs) as pool:
-        for n, (status, key) in enumerate(pool.imap(make_utterance, [(args.out, i, args.seed) for i in items]), 1):
-            counts[status] = counts.get(status, 0) + 1
-            if n % 50 == 0 or n == len(items):
-                print(f"{n}/{len(items)} {counts} {time.time() - start:.0f} s", flush=True)
+    counts = synthesize(args.out, items, args.seed, args.jobs, make_utterance, report_every=50)
     total = 0.0
     with open(Path(args.out) / "dev.jsonl", "w") as f:
         for item in items:
