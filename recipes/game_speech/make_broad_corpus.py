@@ -12,6 +12,8 @@ of channel the training mix already has:
 - Prose from the English manual pages of installed packages *other than* make_ood_dev.py's (the man
   pages project's sections 2-7, git, gdb, vim, gpg, openssl, ...: the fixed list MAN_PACKAGES).
 - WordNet glosses (definitions, not the usage examples make_corpus.py already speaks), as sentences.
+- Everyday prose: the sentences of the multi-line fortunes (make_corpus.py speaks the one-liners):
+  quotes, jokes, songs and definitions of the installed fortune files, without their attributions.
 - Numbers as a transcriber writes them: counts, years, money, ordinals, decimals, percentages, room
   and route numbers, spoken in words and written in digits, in carrier sentences of their own (not
   make_ood_dev.py's templates); a pair is kept only when compute_wer.py's normalizer scores the written
@@ -30,6 +32,7 @@ import argparse
 import json
 import subprocess
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -74,6 +77,26 @@ def glosses() -> list[str]:
             gloss = line.split("|", 1)[1].split(";")[0].split('"')[0].strip(" ;:,")
             if gloss:
                 found.append(gloss[0].upper() + gloss[1:] + ".")
+    return found
+
+
+def fortune_sentences() -> list[tuple[str, str]]:
+    """-> [(sentence, fortune file)]: the sentences of the multi-line fortunes, attribution lines
+    ("-- Mark Twain") left out; a sentence with quotes, colons, dashes or a line-broken word is dropped
+    (dialogue and dictionary-style entries do not read as one sentence)."""
+    found = []
+    for path in sorted(Path(make_corpus.FORTUNES).glob("*")):
+        if path.is_dir() or path.suffix in (".dat", ".u8"):  # off/ (the offensive ones) is a directory
+            continue
+        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            lines = [line for line in entry.split("\n") if line.strip() and not line.strip().startswith("--")]
+            if len(lines) < 2:  # one-liners: make_corpus.py's
+                continue
+            text = " ".join(" ".join(lines).split())
+            for sentence in re.split(r"(?<=[.?!])\s+(?=[A-Z])", text):
+                if (5 <= len(sentence.split()) <= 25 and sentence[0].isupper() and sentence[-1] in ".?!"
+                        and ood.ALLOWED.match(sentence) and not re.search(r"[\":]|- |\.\.", sentence)):
+                    found.append((sentence, path.name))
     return found
 
 
@@ -157,7 +180,8 @@ class Exclude:
         return self.inner.overlaps(text)
 
 
-def plan(seed: int, num_man: int, num_glosses: int, num_numbers: int, exclude: Exclude) -> list[dict]:
+def plan(seed: int, num_man: int, num_glosses: int, num_numbers: int, exclude: Exclude,
+         num_fortunes: int = 0) -> list[dict]:
     """The utterances (text, voice, channel), a function of the seed (and the installed text)."""
     seen, items = set(), []
 
@@ -185,6 +209,9 @@ def plan(seed: int, num_man: int, num_glosses: int, num_numbers: int, exclude: E
         if tokenize(written) == tokenize(spoken):
             numbers.append(dict(txt=written, spoken=spoken, source=f"number:{kind}"))
     take(numbers, num_numbers)
+    if num_fortunes:  # after the others: corpora made before this source are unchanged
+        fortunes = sorted(set(fortune_sentences()))
+        take([dict(txt=s, spoken=s, source=f"fortune:{name}") for s, name in fortunes], num_fortunes)
 
     random.Random(f"{seed}/order").shuffle(items)
     prefix = "broad" if seed == 0 else f"broad{seed}"  # corpora of other seeds train together: keys must differ
@@ -216,12 +243,13 @@ def main(argv=None):
     p.add_argument("--num_man", type=int, default=3000)
     p.add_argument("--num_glosses", type=int, default=1500)
     p.add_argument("--num_numbers", type=int, default=2500)
+    p.add_argument("--num_fortunes", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
 
     start = time.time()
-    items = plan(args.seed, args.num_man, args.num_glosses, args.num_numbers, Exclude(args.exclude))
+    items = plan(args.seed, args.num_man, args.num_glosses, args.num_numbers, Exclude(args.exclude), args.num_fortunes)
     sources = {}
     for item in items:
         sources[item["source"].split(":")[0]] = sources.get(item["source"].split(":")[0], 0) + 1

@@ -151,3 +151,20 @@ if [ ! -d "$out/stage11/checkpoint-600" ]; then
     --learning_rate 1.5e-4 --warmup_steps 20 --max_steps 600 --eval_strategy no --seed 8 "$@"
 fi
 fi
+# Stage 12: everyday prose. corpus/broad3 (seed 2) adds 4,500 sentences of the multi-line fortunes
+# to what is left of the man-page pool, more glosses and numbers; corpus/mix5 is mix4's sources plus
+# it. From stage11/checkpoint-600, the same parts and peak, 700 steps, seed 9.
+if [ "${FROM_STAGE:-2}" -le 12 ]; then
+[ -f corpus/broad3/train.jsonl ] || python recipes/game_speech/make_broad_corpus.py --out corpus/broad3 --seed 2 \
+  --num_man 1000 --num_glosses 2500 --num_numbers 1500 --num_fortunes 4500 \
+  --exclude corpus/ood/dev.jsonl corpus/ood_text/dev.jsonl corpus/broad/train.jsonl corpus/broad2/train.jsonl --jobs 2
+[ -f corpus/mix5/train.jsonl ] || python recipes/game_speech/make_training_mix.py --sources corpus/train.jsonl \
+  corpus/real/train.jsonl corpus/bass/train.jsonl corpus/broad/train.jsonl corpus/broad2/train.jsonl \
+  corpus/broad3/train.jsonl --out corpus/mix5 --jobs 2
+if [ ! -d "$out/stage12/checkpoint-700" ]; then
+  NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage12" "${common[@]}" --data_path corpus/mix5/train.jsonl \
+    --init_from "$out/stage11/checkpoint-600" \
+    --train_encoder_layers 4 --encoder_learning_rate 3e-5 --spec_augment True \
+    --learning_rate 1.5e-4 --warmup_steps 20 --max_steps 700 --eval_strategy no --seed 9 "$@"
+fi
+fi

@@ -47,6 +47,32 @@ def test_numbers_are_written_in_digits_and_score_as_spoken():
     assert kept >= 450 and len(kinds) == 11
 
 
+def test_fortune_sentences_are_the_multi_line_fortunes_without_attributions(tmp_path, monkeypatch):
+    (tmp_path / "off").mkdir()  # the offensive fortunes: a directory, never read
+    (tmp_path / "off" / "jokes").write_text("One more offensive joke is here\nand here.\n%\n")
+    (tmp_path / "wisdom").write_text(
+        "A one-liner make_corpus.py already speaks, five words.\n%\n"
+        "The early bird catches the worm. But the second\nmouse gets the cheese, they say.\n"
+        "\t\t-- Someone Famous\n%\n"
+        'He said: "no way, not today." A dash - broken word ends here.\nShort one.\n%\n')
+    (tmp_path / "wisdom.dat").write_bytes(b"\x00\x01binary index")
+    monkeypatch.setattr(broad.make_corpus, "FORTUNES", str(tmp_path))
+    assert broad.fortune_sentences() == [("The early bird catches the worm.", "wisdom"),
+                                         ("But the second mouse gets the cheese, they say.", "wisdom")]
+
+
+def test_fortunes_come_after_the_other_sources(tmp_path, monkeypatch):
+    """--num_fortunes 0 (the default) plans what corpus/broad and broad2 were made from."""
+    small_sources(monkeypatch)
+    monkeypatch.setattr(broad, "fortune_sentences", lambda: [
+        (f"Fortune number {w} is a plain sentence.", "wisdom") for w in ("one", "two", "three")])
+    exclude = broad.Exclude([exclude_file(tmp_path)])
+    without, with_fortunes = broad.plan(2, 10, 10, 20, exclude), broad.plan(2, 10, 10, 20, exclude, 2)
+    assert len(with_fortunes) == len(without) + 2
+    assert len([e for e in with_fortunes if e["source"] == "fortune:wisdom"]) == 2
+    assert {e["txt"] for e in without} < {e["txt"] for e in with_fortunes}
+
+
 def test_plan_leaves_out_the_ood_text_and_voices(tmp_path, monkeypatch):
     small_sources(monkeypatch)
     exclude = broad.Exclude([exclude_file(tmp_path)])
