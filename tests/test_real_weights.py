@@ -82,11 +82,11 @@ def test_shipped_projector_loads_from_bundled_names_and_transcribes():
 
 @pytest.mark.slow
 def test_shipped_projector_transcribes_the_examples():
-    """The demo's decoding of examples/ (beam 4, joint CTC 0.3): this model (stage 11) printed WER 22.41 there
-    (26 of 116 words), stage 10 21.55, stage 8 29.31 (13 clips, 8 of them TTS, are too few to rank stages that are a few words
+    """The demo's decoding of examples/ (beam 4, joint CTC 0.3): this model (stage 12) printed WER 23.28 there
+    (27 of 116 words), stage 11 22.41, stage 10 21.55, stage 8 29.31 (13 clips, 8 of them TTS, are too few to rank stages that are a few words
     apart: on the 396 real dev clips stage 7 is 2.3 points ahead of stage 6), stage 7 31.90, stage 6 28.45, stage 5
     27.59, stage 4 26.72, stage 2 36.21, the TTS-only projector before that 61.02, and the first
-    shipped one, which wrote fluent sentences of its own, 123.73. The bar leaves 3 words (0.86 points
+    shipped one, which wrote fluent sentences of its own, 123.73. The bar leaves 4 words (0.86 points
     each) of room for another machine's arithmetic."""
     from compute_wer import score
     from data import read_jsonl
@@ -95,4 +95,4 @@ def test_shipped_projector_transcribes_the_examples():
     entries = read_jsonl(PRETRAINED.parents[1] / "examples" / "examples.jsonl")
     hyps = SpeechLLM.from_pretrained(PRETRAINED).transcribe([e["wav"] for e in entries], num_beams=4, ctc_decode_weight=0.3)
     result = score({e["key"]: e["txt"] for e in entries}, {e["key"]: h for e, h in zip(entries, hyps)})
-    assert result.error_rate < 35
+    assert result.error_rate < 27
