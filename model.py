@@ -113,6 +113,19 @@ def add_lora(llm, config) -> None:
                             llm)
 
 
+def grow_lora(factor: torch.Tensor, fresh: torch.Tensor, name: str, scale_ratio: float) -> torch.Tensor:
+    """A LoRA factor trained at a smaller rank, as the first ranks of a fresh larger one (--init_from a
+    run with a smaller --lora_rank): A's rows (rank, in) and B's columns (out, rank) go first, B times the
+    old scale over the new (alpha / rank), so the adapters compute what they did; the new ranks keep
+    their fresh start (A random, B zero: no change until they train)."""
+    grown = fresh.detach().clone()
+    if ".lora_A." in name:  # (rank, in)
+        grown[: factor.shape[0]] = factor
+    else:  # lora_B: (out, rank)
+        grown[:, : factor.shape[1]] = factor * scale_ratio
+    return grown
+
+
 def trained_encoder_prefixes(config, num_blocks: int) -> tuple[str, ...]:
     """Parameter-name prefixes of the encoder parts that train: the top N blocks and the final LayerNorm."""
     n = num_blocks if config.train_encoder_layers < 0 else min(config.train_encoder_layers, num_blocks)
@@ -493,8 +506,9 @@ class SpeechLLM(nn.Module):
 
     def load_trained(self, model_dir, warm_start: bool = False):
         """The weights a model dir's run trained, into this model: exactly what this model trains, or
-        with warm_start a part of it (a trained projector, then new LoRA adapters that start at zero;
-        --init_from). A dir holding weights this model does not train is an error: they would be lost."""
+        with warm_start a part of it (a trained projector, then new LoRA adapters that start at zero, or
+        a smaller LoRA rank's adapters as the first ranks of this one: grow_lora; --init_from). A dir
+        holding weights this model does not train is an error: they would be lost."""
         model_dir = Path(model_dir)
         weights = dequantize_int8(load_file(model_dir / WEIGHTS_NAME))  # as saved, or stored in int8
         trainable = self.trainable_parameters()
@@ -519,7 +533,21 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"{model_dir} lacks {len(missing)} weights this model trains (e.g. {missing[:3]})")
         with torch.no_grad():
             for name, value in weights.items():
+                if value.shape != trainable[name].shape:
+                    value = self._grown_lora(model_dir, name, value, warm_start)
                 trainable[name].copy_(value)
+
+    def _grown_lora(self, model_dir: Path, name: str, factor: torch.Tensor, warm_start: bool) -> torch.Tensor:
+        """A smaller-rank run's LoRA factor for this model's larger rank (warm starts only; grow_lora)."""
+        fresh = self.trainable_parameters()[name]
+        rank_dim = 1 if ".lora_B." in name else 0  # A: (rank, in), B: (out, rank)
+        old_rank = factor.shape[rank_dim] if factor.ndim == 2 else 0
+        if not (warm_start and ".lora_" in name and 0 < old_rank < self.config.lora_rank
+                and factor.shape[1 - rank_dim] == fresh.shape[1 - rank_dim]):
+            raise ValueError(f"{model_dir}: {name} is {tuple(factor.shape)}, this model's is {tuple(fresh.shape)} "
+                             "(only --init_from may start a larger LoRA rank from a smaller one)")
+        old = SpeechLLMConfig.from_json(model_dir / CONFIG_NAME)
+        return grow_lora(factor, fresh, name, (old.lora_alpha / old_rank) / (self.config.lora_alpha / self.config.lora_rank))
 
     def merge_lora(self):
         """Fold the LoRA adapters into the LLM's weights (W += B A * alpha / r): decoding then costs

@@ -172,6 +172,28 @@ def test_warm_start_loads_what_the_dir_holds_and_refuses_to_drop_weights(tiny_co
         build(tiny_config, "projector").load_trained(tmp_path / "stage2", warm_start=True)
 
 
+def test_warm_start_grows_a_smaller_lora_rank_and_computes_the_same(tiny_config, tmp_path):
+    """--init_from a LoRA r4 run with --lora_rank 8 (a reader with more capacity): the old adapters
+    become the first 4 ranks, so the model starts where the r4 run ended, and the new ranks train."""
+    small = build(tiny_config, "lora")  # rank 4
+    batch = train_steps(small, steps=3)
+    small.save_pretrained(tmp_path / "r4")
+    grown = SpeechLLM(replace(tiny_config, lora_rank=8, lora_alpha=8.0), torch.float32)  # another alpha: B rescaled
+    grown.load_trained(tmp_path / "r4", warm_start=True)
+    grown.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(grown(**batch).loss, small(**batch).loss, rtol=1e-5, atol=1e-5)
+    trained_b = {n: p.detach().clone() for n, p in grown.named_parameters() if ".lora_B." in n}
+    assert all(b[:, 4:].abs().sum() == 0 for b in trained_b.values())  # the new ranks start at zero
+    train_steps(grown, steps=2)
+    assert any(p[:, 4:].abs().sum() > 0 for n, p in grown.named_parameters() if ".lora_B." in n)
+    with pytest.raises(ValueError, match="only --init_from"):  # exact loading keeps exact shapes
+        grown.load_trained(tmp_path / "r4")
+    grown.save_pretrained(tmp_path / "r8")
+    with pytest.raises(ValueError, match="only --init_from"):  # a smaller rank cannot hold a larger one
+        build(tiny_config, "lora").load_trained(tmp_path / "r8", warm_start=True)
+
+
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_bf16_weights_forward_backward_generate(tiny_config, setting, device):
     """The GPU path's dtype: bf16 weights everywhere (CPU runs bf16 too). Its most likely failure is a
