@@ -41,8 +41,8 @@ class RunArguments:
     encoder_learning_rate: float | None = option(None, range=">= 0", help=(
         "learning rate of the encoder's trained blocks (default: --learning_rate)"))
     init_from: str | None = option(None, help=(
-        "warm start (staged training): every trained part a saved model dir holds; this run may train more "
-        "(a checkpoint in output_dir still wins)"))
+        "warm start (staged training): every trained part a saved model dir holds; this run may train more, "
+        "or at a larger --lora_rank (the old adapters become its first ranks); a checkpoint in output_dir still wins"))
     init_projector: str | None = option(None, help="the older name of --init_from")
     trust_remote_code: bool = option(False, help="let the LLM's repo run its own Python code")
 
