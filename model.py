@@ -534,12 +534,12 @@ class SpeechLLM(nn.Module):
         with torch.no_grad():
             for name, value in weights.items():
                 if value.shape != trainable[name].shape:
-                    value = self._grown_lora(model_dir, name, value, warm_start)
+                    value = self._grown_lora(model_dir, name, value, trainable[name], warm_start)
                 trainable[name].copy_(value)
 
-    def _grown_lora(self, model_dir: Path, name: str, factor: torch.Tensor, warm_start: bool) -> torch.Tensor:
+    def _grown_lora(self, model_dir: Path, name: str, factor: torch.Tensor, fresh: torch.Tensor,
+                    warm_start: bool) -> torch.Tensor:
         """A smaller-rank run's LoRA factor for this model's larger rank (warm starts only; grow_lora)."""
-        fresh = self.trainable_parameters()[name]
         rank_dim = 1 if ".lora_B." in name else 0  # A: (rank, in), B: (out, rank)
         old_rank = factor.shape[rank_dim] if factor.ndim == 2 else 0
         if not (warm_start and ".lora_" in name and 0 < old_rank < self.config.lora_rank
