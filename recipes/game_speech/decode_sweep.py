@@ -6,13 +6,15 @@ loop, prompt echoes, real-time factor.
     python recipes/game_speech/decode_sweep.py --model_dir pretrained/whisper-tiny.en_smollm2-135m --out exp/sweep \
         --data_paths corpus/dev.jsonl corpus/real/dev.jsonl --long_from corpus/real/dev.jsonl
 
---long_from also makes a dev set of long clips (45-60 s: consecutive clips of one scene joined by
+--sample N decodes N clips of each set, drawn at random (seed 0): how well the model fits a training
+set without decoding all of it. --long_from also makes a dev set of long clips (45-60 s: consecutive clips of one scene joined by
 0.3 s pauses, OUT/long/) beyond anything trained on. Settings: --settings NAME ... of SETTINGS. The
 model is loaded once; each setting decodes with recognize.py's own functions (results in OUT/, a
 finished one is read back, not decoded again).
 """
 import argparse
 import json
+import random
 import re
 import sys
 import time
@@ -107,6 +109,7 @@ def main(argv=None):
     p.add_argument("--data_paths", nargs="+", default=[])
     p.add_argument("--long_from", default=None, help="a dev jsonl whose clips are joined into 45-60 s clips")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--sample", type=int, default=None, help="N: decode N random clips of each set (seed 0)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -120,6 +123,9 @@ def main(argv=None):
     for data_path in data_paths:
         entries = read_jsonl(data_path)
         name = f"{Path(data_path).parent.name}_{Path(data_path).stem}"
+        if args.sample and args.sample < len(entries):
+            entries = random.Random(0).sample(entries, args.sample)
+            name += f"_sample{args.sample}"
         audio_seconds = sum(e["duration"] for e in entries if "duration" in e) or None
         for setting in args.settings:
             result_path = out / f"{name}.{setting.replace(' ', '_').replace(',', '')}.txt"
