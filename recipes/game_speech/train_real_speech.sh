@@ -5,8 +5,8 @@
 # blocks on a mix that adds Beneath a Steel Sky's voices (stages 5-7, in OUT/stage5 ... OUT/stage7), then
 # the same with SpecAugment (stage 8, OUT/stage8), averaged with stage 7, then broad text (stage 9,
 # OUT/stage9; FROM_STAGE=9 runs it alone, from stage 8 as shipped), more of it (stage 10, OUT/stage10),
-# then twice that text (stage 11, OUT/stage11), then everyday prose (stage 12, OUT/stage12: shipped, stored by
-# tools/average_checkpoints.py --dtype int8), then longer on it (stage 13, OUT/stage13; FROM_STAGE=13 runs it alone).
+# then twice that text (stage 11, OUT/stage11), then everyday prose (stage 12, OUT/stage12), then longer on it (stage 13,
+# OUT/stage13: shipped, stored by tools/average_checkpoints.py --dtype int8; FROM_STAGE=13 runs it alone).
 # Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
