@@ -7,8 +7,8 @@ loop, prompt echoes, real-time factor.
         --data_paths corpus/dev.jsonl corpus/real/dev.jsonl --long_from corpus/real/dev.jsonl
 
 --sample N decodes N clips of each set, drawn at random (seed 0): how well the model fits a training
-set without decoding all of it. --long_from also makes a dev set of long clips (45-60 s: consecutive clips of one scene joined by
-0.3 s pauses, OUT/long/) beyond anything trained on. Settings: --settings NAME ... of SETTINGS. The
+set without decoding all of it. --long_from also makes a dev set of long clips (45-60 s: consecutive
+clips of one scene joined by 0.3 s pauses, OUT/long/) beyond anything trained on. Settings: --settings NAME ... of SETTINGS. The
 model is loaded once; each setting decodes with recognize.py's own functions (results in OUT/, a
 finished one is read back, not decoded again).
 """

@@ -169,9 +169,9 @@ if [ ! -d "$out/stage12/checkpoint-700" ]; then
     --learning_rate 1.5e-4 --warmup_steps 20 --max_steps 700 --eval_strategy no --seed 9 "$@"
 fi
 fi
-# Stage 13: longer on the same mix. Stage 12 saw 17% of mix5, and it still misreads 17-33% of the words
-# of clips it trained on (GENERALIZATION.md): it is short of steps more than of text. From stage12/checkpoint-700, the
-# same parts and peak, 1300 steps (a cosine over them), seed 11.
+# Stage 13: longer on the same mix. Stage 12 saw 17% of mix5 and still misreads 14-33% of the words of
+# clips it trained on (GENERALIZATION.md): it is short of steps more than of text. From
+# stage12/checkpoint-700, the same parts and peak, 1300 steps (a cosine over them), seed 11.
 if [ "${FROM_STAGE:-2}" -le 13 ] && [ ! -d "$out/stage13/checkpoint-1300" ]; then
   NPROC=${NPROC:-2} bash recipes/game_speech/train_shipped_projector.sh "$out/stage13" "${common[@]}" --data_path corpus/mix5/train.jsonl \
     --init_from "$out/stage12/checkpoint-700" \
