@@ -8,9 +8,9 @@ loop, prompt echoes, real-time factor.
 
 --sample N decodes N clips of each set, drawn at random (seed 0): how well the model fits a training
 set without decoding all of it. --long_from also makes a dev set of long clips (45-60 s: consecutive
-clips of one scene joined by 0.3 s pauses, OUT/long/) beyond anything trained on. Settings: --settings NAME ... of SETTINGS. The
-model is loaded once; each setting decodes with recognize.py's own functions (results in OUT/, a
-finished one is read back, not decoded again).
+clips of one scene joined by 0.3 s pauses, OUT/long/) beyond anything trained on. Settings:
+--settings NAME ... of SETTINGS. The model is loaded once; each setting decodes with recognize.py's
+own functions (results in OUT/, a finished one is read back, not decoded again).
 """
 import argparse
 import json

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
-from compute_wer import read_hypotheses, read_references, score, tokenize  # noqa: E402
+from compute_wer import ScoreResult, read_hypotheses, read_references, score, tokenize  # noqa: E402
 
 BIN_EDGES = (1, 10, 100)  # bins: never, 1-9, 10-99, 100+ times
 
@@ -29,14 +29,14 @@ def hearings(train_paths: list[str]) -> collections.Counter:
 
 def bin_labels(edges=BIN_EDGES) -> list[str]:
     bounds = (0, *edges)
-    return [("0" if lo == 0 and hi == 1 else f"{lo}-{hi - 1}") for lo, hi in zip(bounds, edges)] + [f"{edges[-1]}+"]
+    return [f"{lo}-{hi - 1}" if hi - lo > 1 else str(lo) for lo, hi in zip(bounds, edges)] + [f"{edges[-1]}+"]
 
 
-def errors_by_hearings(refs: dict[str, str], hyps: dict[str, str], heard: collections.Counter,
-                       edges=BIN_EDGES) -> list[tuple[int, int]]:
-    """-> [(reference words, of them substituted or deleted)] per bin of training count (bin_labels)."""
+def errors_by_hearings(result: ScoreResult, heard: collections.Counter, edges=BIN_EDGES) -> list[tuple[int, int]]:
+    """A scored result (compute_wer.score) -> [(reference words, of them substituted or deleted)] per
+    bin of training count (bin_labels)."""
     bins = [[0, 0] for _ in range(len(edges) + 1)]
-    for utt in score(refs, hyps).utterances:
+    for utt in result.utterances:
         for op, ref_word, _ in utt.alignment:
             if op == "I":
                 continue
@@ -56,10 +56,9 @@ def main(argv=None):
     print("| result | WER | " + " | ".join(f"heard {label}: words, error %" for label in bin_labels()) + " |")
     print("|---|---|" + "---|" * (len(BIN_EDGES) + 1))
     for path in args.results:
-        hyps = read_hypotheses(path)
-        bins = errors_by_hearings(refs, hyps, heard)
-        cells = " | ".join(f"{words}, {100 * errors / max(words, 1):.1f}" for words, errors in bins)
-        print(f"| {path} | {score(refs, hyps).error_rate:.2f} | {cells} |")
+        result = score(refs, read_hypotheses(path))
+        cells = " | ".join(f"{words}, {100 * errors / max(words, 1):.1f}" for words, errors in errors_by_hearings(result, heard))
+        print(f"| {path} | {result.error_rate:.2f} | {cells} |")
 
 
 if __name__ == "__main__":

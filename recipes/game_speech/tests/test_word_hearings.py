@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this recipe
 
 import word_hearings  # noqa: E402
+from compute_wer import score  # noqa: E402 (word_hearings put the repository on the path)
 
 
 def test_errors_are_binned_by_the_training_count_of_the_reference_word(tmp_path, capsys):
@@ -17,7 +18,7 @@ def test_errors_are_binned_by_the_training_count_of_the_reference_word(tmp_path,
 
     refs = {"u1": "the cat sat on a heron", "u2": "an egret"}
     hyps = {"u1": "the cat sad on heron", "u2": "an egret indeed"}  # sat -> sad, a deleted, one insertion
-    bins = word_hearings.errors_by_hearings(refs, hyps, heard)
+    bins = word_hearings.errors_by_hearings(score(refs, hyps), heard)
     assert word_hearings.bin_labels() == ["0", "1-9", "10-99", "100+"]
     # never heard: on, an, egret (all right); 1-9: a (deleted), heron; 10-99: the, cat, sat (substituted)
     assert bins == [(3, 0), (2, 1), (3, 1), (0, 0)]
