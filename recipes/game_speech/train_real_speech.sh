@@ -6,8 +6,8 @@
 # the same with SpecAugment (stage 8, OUT/stage8), averaged with stage 7, then broad text (stage 9,
 # OUT/stage9; FROM_STAGE=9 runs it alone, from stage 8 as shipped), more of it (stage 10, OUT/stage10),
 # then twice that text (stage 11, OUT/stage11), then everyday prose (stage 12, OUT/stage12), then longer on it (stages
-# 13 and 14, OUT/stage13 and OUT/stage14; FROM_STAGE=14 runs the last alone). Shipped: the mean of stages 13 and 14
-# in int8, OUT/shipped14.
+# 13 and 14, OUT/stage13 and OUT/stage14, and their mean, OUT/shipped14), then the same with the real voices 3x
+# (stage 15, OUT/stage15; FROM_STAGE=15 runs it alone). Shipped: stage 15 in int8, OUT/shipped15.
 # Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
@@ -172,7 +172,8 @@ fi
 # Stage 14: longer again. Stage 13's loss still fell at the end of its cosine, and it misreads 15-31% of
 # the words of clips it trained on. From stage13/checkpoint-1300, the same parts, peak and length, seed 12.
 [ "${FROM_STAGE:-2}" -gt 14 ] || later_stage stage14 corpus/mix5/train.jsonl "$out/stage13/checkpoint-1300" 1300 12 "$@"
-# The shipped model: the mean of stages 13 and 14 (stage 14 gains out of domain and drifts in domain), in int8.
+# The model shipped before stage 15: the mean of stages 13 and 14 (stage 14 gains out of domain and drifts in
+# domain), in int8.
 [ -d "$out/shipped14" ] || python tools/average_checkpoints.py --dirs "$out/stage13/checkpoint-1300" \
   "$out/stage14/checkpoint-1300" --out "$out/shipped14" --dtype int8
 # Stage 15: the game's real voices weigh 3x. Stage 14 gained out of domain and drifted on the real dev,
@@ -181,3 +182,6 @@ fi
 [ -f corpus/mix5/train_real3x.jsonl ] || python recipes/game_speech/upweight_mix.py --mix corpus/mix5/train.jsonl \
   --source corpus/real/train.jsonl --times 3 --out corpus/mix5/train_real3x.jsonl
 later_stage stage15 corpus/mix5/train_real3x.jsonl "$out/stage14/checkpoint-1300" 1100 13 "$@"
+# The shipped model: stage 15 in int8 (ahead of stage 14, the mean above and the mean of 13-15 in domain).
+[ -d "$out/shipped15" ] || python tools/average_checkpoints.py --dirs "$out/stage15/checkpoint-1100" \
+  --out "$out/shipped15" --dtype int8
