@@ -4,18 +4,24 @@
         --times 3 --out corpus/mix5/train_real3x.jsonl
 
 A line of MIX comes from SOURCE when its key, or one of the keys it was made from ("sources", as
-make_training_mix.py writes for long clips and augmented copies), is a key of SOURCE. Those lines are written TIMES times in all, the rest once, in MIX's order (the
-trainer shuffles); copy n (2..TIMES) has the key "KEY#n", as keys must be unique. OUT must sit in MIX's folder: the wav paths are relative to it and are not
-rewritten. An existing OUT is not overwritten.
+make_training_mix.py writes for long clips and augmented copies), is a key of SOURCE. Those lines are
+written TIMES times in all, the rest once, in MIX's order (the trainer shuffles); copy n (2..TIMES)
+has the key "KEY#n", as keys must be unique. OUT must sit in MIX's folder: the wav paths are relative
+to it and are not rewritten. An existing OUT is not overwritten.
 """
 import argparse
 import json
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+
+from data import InputError, read_jsonl  # noqa: E402
 
 
 def upweight(mix_lines: list[str], source_keys: set[str], times: int) -> tuple[list[str], int]:
-    """(MIX's lines with every line from the source repeated `times` times, how many lines were)."""
+    """(MIX's lines, each line made from the source `times` times, how many lines were made from it)."""
     out, matched = [], 0
     for line in mix_lines:
         item = json.loads(line)
@@ -40,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--out {args.out} must be in the folder of --mix {args.mix}: its wav paths are relative to it")
     if os.path.exists(args.out):
         sys.exit(f"{args.out} exists: remove it to rebuild it")
-    with open(args.source) as f:
-        source_keys = {json.loads(line)["key"] for line in f if line.strip()}
+    try:
+        source_keys = {entry["key"] for entry in read_jsonl(args.source)}  # the keys as train.py reads them
+    except InputError as e:
+        sys.exit(f"error: {e}")
     with open(args.mix) as f:
         mix_lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
     lines, matched = upweight(mix_lines, source_keys, args.times)
