@@ -8,10 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this recipe
 
 import upweight_mix  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO))
-from data import read_jsonl  # noqa: E402
+from data import read_jsonl  # noqa: E402 (upweight_mix put the repository on the path)
 
 
 def write_jsonl(path, items):
