@@ -20,10 +20,9 @@ from data import read_jsonl  # noqa: E402
 from model import load_whisper  # noqa: E402
 
 
-def whisper_transcribe(whisper_model, samples, beam_size: int | None = None) -> str:
+def whisper_transcribe(whisper_model, samples, beam_size: int | None = None, language: str | None = "en") -> str:
     """Whisper's own decoding of one 16 kHz clip, as a user runs it: temperature 0 without fallback,
-    fp32, English for an .en model; the text on one line."""
-    language = None if whisper_model.is_multilingual else "en"
+    fp32, in the given language (None: a multilingual model detects it); the text on one line."""
     result = whisper_model.transcribe(samples, language=language, temperature=0.0, fp16=False, beam_size=beam_size,
                                       condition_on_previous_text=False)
     return " ".join(result["text"].split())
@@ -35,16 +34,21 @@ def main(argv=None):
     p.add_argument("--result_path", required=True)
     p.add_argument("--whisper_model", default="bundled:whisper-tiny.en")
     p.add_argument("--beam_size", type=int, default=None, help="default: greedy")
+    p.add_argument("--language", default="en", help="what a user of English speech sets; 'detect': a "
+                   "multilingual model guesses it per clip (an .en model is English only)")
     args = p.parse_args(argv)
 
     model = load_whisper(args.whisper_model).eval()
+    language = None if args.language == "detect" else args.language
+    if language not in (None, "en") and not model.is_multilingual:
+        raise SystemExit(f"{args.whisper_model} is English only: --language {args.language}")
     entries = read_jsonl(args.data_path)
     hyps, audio_seconds = {}, 0.0
     start = time.perf_counter()
     for entry in entries:
         samples = load_entry_audio(entry)
         audio_seconds += len(samples) / SAMPLE_RATE
-        hyps[entry["key"]] = whisper_transcribe(model, samples, args.beam_size)
+        hyps[entry["key"]] = whisper_transcribe(model, samples, args.beam_size, language)
     elapsed = time.perf_counter() - start
 
     Path(args.result_path).write_text("".join(f"{e['key']}\t{hyps[e['key']]}\n" for e in entries), encoding="utf-8")
