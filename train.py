@@ -40,6 +40,9 @@ class RunArguments:
         "CPU only: forward under torch.autocast(bfloat16), weights stay fp32 (--bf16 refuses CPU)"))
     encoder_learning_rate: float | None = option(None, range=">= 0", help=(
         "learning rate of the encoder's trained blocks (default: --learning_rate)"))
+    projector_learning_rate: float | None = option(None, range=">= 0", help=(
+        "learning rate of the projector (default: --learning_rate): a new projector under adapters "
+        "warm-started (--init_from) wants a larger one than they do"))
     init_from: str | None = option(None, help=(
         "warm start (staged training): every trained part a saved model dir holds; this run may train more, "
         "or at a larger --lora_rank (the old adapters become its first ranks); a checkpoint in output_dir still wins"))
@@ -217,25 +220,29 @@ class SpeechLLMTrainer(Trainer):
     """Trainer that samples length-grouped batches (a fixed size, or by duration) and saves only what trains."""
 
     def __init__(self, *args, train_durations=None, train_batch_sampler=None, cpu_bf16_autocast=False,
-                 encoder_learning_rate=None, data_resume=None, **kwargs):
+                 encoder_learning_rate=None, projector_learning_rate=None, data_resume=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.data_resume, self.tracked_loader = data_resume, None  # shards: where the data stream stands
         self.train_durations = train_durations  # None: the Trainer's own random sampler
         self.train_batch_sampler = train_batch_sampler  # a DurationBatchSampler: batches of varying size
         self.length_sampler = None
         self.cpu_bf16_autocast = cpu_bf16_autocast
-        self.encoder_learning_rate = encoder_learning_rate
+        # parameter name prefix -> its learning rate, where it is not --learning_rate
+        self.part_learning_rates = {prefix: lr for prefix, lr in (("encoder.", encoder_learning_rate),
+                                                                  ("projector.", projector_learning_rate))
+                                    if lr is not None}
 
     def create_optimizer(self):
-        """The Trainer's optimizer, with the encoder's blocks in groups of their own learning rate: a
-        pretrained encoder wants a smaller one than a projector trained from scratch."""
-        if self.encoder_learning_rate is None:
+        """The Trainer's optimizer, with the encoder's blocks (or the projector) in groups of their own
+        learning rate: a pretrained encoder wants a smaller one than a projector trained from scratch."""
+        if not self.part_learning_rates:
             return super().create_optimizer()
         decay = set(self.get_decay_parameter_names(self.model))
         groups = {}  # (lr, weight decay) -> parameters
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                lr = self.encoder_learning_rate if name.startswith("encoder.") else self.args.learning_rate
+                lr = next((lr for prefix, lr in self.part_learning_rates.items() if name.startswith(prefix)),
+                          self.args.learning_rate)
                 groups.setdefault((lr, self.args.weight_decay if name in decay else 0.0), []).append(param)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         self.optimizer = optimizer_cls([dict(params=params, lr=lr, weight_decay=wd) for (lr, wd), params in groups.items()],
@@ -468,7 +475,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
         data_collator=Collator(spec, pad_text_to=data_args.pad_text_to), train_durations=train_durations,
         train_batch_sampler=train_batch_sampler,
         cpu_bf16_autocast=cpu_bf16_autocast_wanted(run_args.cpu_bf16_autocast),
-        encoder_learning_rate=run_args.encoder_learning_rate, data_resume=data_resume, callbacks=callbacks)
+        encoder_learning_rate=run_args.encoder_learning_rate, projector_learning_rate=run_args.projector_learning_rate,
+        data_resume=data_resume, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model(args.output_dir)
     if args.process_index == 0:

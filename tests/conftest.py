@@ -109,10 +109,10 @@ def family_llm_dir(tmp_path_factory, tiny_llm_dir):
     return build
 
 
-def save_tiny_whisper(path: Path, n_mels: int) -> Path:
+def save_tiny_whisper(path: Path, n_mels: int, width: int = 32) -> Path:
     """A 2-layer random Whisper saved the way openai-whisper ships checkpoints ({dims, model_state_dict})."""
     torch.manual_seed(0)
-    dims = whisper.model.ModelDimensions(n_mels=n_mels, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2,
+    dims = whisper.model.ModelDimensions(n_mels=n_mels, n_audio_ctx=1500, n_audio_state=width, n_audio_head=2,
                                          n_audio_layer=2, n_vocab=64, n_text_ctx=16, n_text_state=32,
                                          n_text_head=2, n_text_layer=1)
     torch.save({"dims": asdict(dims), "model_state_dict": whisper.model.Whisper(dims).state_dict()}, path)

@@ -178,3 +178,38 @@ def test_interpolate_encoder_refuses_what_it_cannot_do(tiny_model, tmp_path):
     assert not (tmp_path / "w").exists()
     with pytest.raises(SystemExit):
         average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "w"), "--interpolate_encoder", "1.5"])
+
+
+def test_parts_lora_warm_starts_another_encoder_with_a_new_projector(tiny_config, tmp_path):
+    """--parts lora keeps the adapters alone: a model on a wider Whisper takes them (--init_from) with
+    its own new projector; the whole dir is refused there (its projector does not fit)."""
+    from conftest import save_tiny_whisper
+
+    torch.manual_seed(0)
+    trained = SpeechLLM(replace(tiny_config, train_encoder_layers=1, lora_rank=2, ctc_weight=1.0))
+    with torch.no_grad():
+        for param in trained.trainable_parameters().values():
+            param.add_(torch.randn_like(param))
+    trained.save_pretrained(tmp_path / "run")
+    average(["--dirs", str(tmp_path / "run"), "--out", str(tmp_path / "lora"), "--parts", "lora"])
+    kept = load_file(tmp_path / "lora" / "model.safetensors")
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert kept.keys() == {k for k in saved if ".lora_" in k} and kept
+
+    wider = save_tiny_whisper(tmp_path / "wider.pt", n_mels=80, width=48)
+    torch.manual_seed(1)
+    other = SpeechLLM(replace(tiny_config, whisper_model=str(wider), lora_rank=2, ctc_weight=1.0))
+    fresh_projector = {k: v.clone() for k, v in other.projector.state_dict().items()}
+    with pytest.raises(ValueError, match="encoder.blocks"):  # the whole run: its tuned encoder, its projector
+        other.load_trained(tmp_path / "run", warm_start=True)
+    other.load_trained(tmp_path / "lora", warm_start=True)
+    weights = other.trainable_parameters()
+    assert all(torch.equal(weights[k], kept[k]) for k in kept)
+    assert all(torch.equal(v, fresh_projector[k]) for k, v in other.projector.state_dict().items())
+
+
+def test_parts_refuses_a_part_the_run_did_not_train(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "a")  # the projector alone
+    with pytest.raises(SystemExit, match="no lora weights"):
+        average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "l"), "--parts", "lora"])
+    assert not (tmp_path / "l").exists()

@@ -258,17 +258,19 @@ def test_cpu_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, capsy
     assert train.cpu_bf16_autocast_wanted(True) is True and train.cpu_bf16_autocast_wanted(False) is False
 
 
-@pytest.mark.parametrize("encoder_lr", [None, 1e-5])
-def test_encoder_learning_rate_sets_only_the_encoder_groups(tiny_config, tmp_path, encoder_lr):
-    """--encoder_learning_rate puts the encoder's trained blocks in groups of their own lr; weight decay
-    still skips norms and biases; every trained parameter is in exactly one group."""
+@pytest.mark.parametrize("encoder_lr,projector_lr", [(None, None), (1e-5, None), (None, 5e-3), (1e-5, 5e-3)])
+def test_part_learning_rates_set_only_their_groups(tiny_config, tmp_path, encoder_lr, projector_lr):
+    """--encoder_learning_rate / --projector_learning_rate put the encoder's trained blocks / the
+    projector in groups of their own lr, the LoRA adapters keep --learning_rate; weight decay still
+    skips norms and biases; every trained parameter is in exactly one group."""
     from transformers import TrainingArguments
 
     import train
     model = build(tiny_config, "lora+encoder_all")
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, report_to="none",
                              use_cpu=True)
-    trainer = train.SpeechLLMTrainer(model=model, args=args, encoder_learning_rate=encoder_lr)
+    trainer = train.SpeechLLMTrainer(model=model, args=args, encoder_learning_rate=encoder_lr,
+                                     projector_learning_rate=projector_lr)
     optimizer = trainer.create_optimizer()
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = [(group["lr"], group["weight_decay"], names[id(p)]) for group in optimizer.param_groups
@@ -276,8 +278,8 @@ def test_encoder_learning_rate_sets_only_the_encoder_groups(tiny_config, tmp_pat
     assert sorted(n for _, _, n in grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     decay = set(trainer.get_decay_parameter_names(model))
     for lr, wd, name in grouped:
-        on_encoder = name.startswith("encoder.")
-        assert lr == (encoder_lr if encoder_lr is not None and on_encoder else 1e-3), name
+        part_lr = {"encoder": encoder_lr, "projector": projector_lr}.get(name.split(".")[0])
+        assert lr == (part_lr if part_lr is not None else 1e-3), name
         assert wd == (0.01 if name in decay else 0.0), name
-    assert any(n.startswith("encoder.") for _, _, n in grouped) and any(n.startswith("projector.") for _, _, n in grouped)
+    assert {n.split(".")[0] for _, _, n in grouped} == {"encoder", "projector", "llm"}
     assert any(wd == 0.0 for _, wd, _ in grouped) and any(wd == 0.01 for _, wd, _ in grouped)

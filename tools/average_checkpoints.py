@@ -7,12 +7,16 @@
     python tools/average_checkpoints.py --dirs exp/x --out pretrained/y --dtype float16   # one dir, halved
     python tools/average_checkpoints.py --dirs exp/x --out pretrained/y --dtype int8      # a quarter
     python tools/average_checkpoints.py --dirs pretrained/y --out exp/y_wise05 --interpolate_encoder 0.5
+    python tools/average_checkpoints.py --dirs exp/x --out exp/x_lora --parts lora   # the adapters alone
 
 --interpolate_encoder ALPHA (WiSE-FT, Wortsman et al. 2022): the trained encoder weights (the top
 blocks and ln_post that --train_encoder_layers tuned) become ALPHA * tuned + (1 - ALPHA) * pretrained,
 the pretrained being the Whisper encoder the config names (e.g. bundled:whisper-tiny.en): a cheap
 way back toward Whisper's generality after fine-tuning on narrow data. The projector, the LoRA
 adapters and a fine-tuned LLM are left as they are; ALPHA 1 is the plain mean.
+
+--parts keeps only the named trained parts: `--parts lora` is the --init_from of a run that puts
+the adapters on another Whisper encoder, whose new projector fits its width.
 
 Every safetensors file of the model dirs is averaged (model.safetensors, and llm/ when the LLM was
 fine-tuned); the other files (config, tokenizer) are copied from the first. The dirs must come from
@@ -95,16 +99,34 @@ def interpolate_encoder(weights: dict[str, torch.Tensor], whisper_model: str, al
             for k, v in weights.items()}
 
 
-def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None, encoder_alpha: float | None = None):
+# A trained part -> whether a weight name is in it (model.SpeechLLM.trainable_parameters' names)
+PARTS = {"encoder": lambda name: name.startswith("encoder."),
+         "projector": lambda name: name.startswith("projector."),
+         "lora": lambda name: name.startswith("llm.") and ".lora_" in name}
+
+
+def keep_parts(weights: dict[str, torch.Tensor], parts: list[str]) -> dict[str, torch.Tensor]:
+    """Only the weights of these trained parts; an asked-for part with no weight is an error."""
+    for part in parts:
+        if not any(PARTS[part](k) for k in weights):
+            raise SystemExit(f"error: --parts {part}: these checkpoints trained no {part} weights")
+    return {k: v for k, v in weights.items() if any(PARTS[part](k) for part in parts)}
+
+
+def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None, encoder_alpha: float | None = None,
+                 parts: list[str] | None = None):
     """dtype: store the mean in this dtype (float16 halves a shipped model dir, int8 quarters it: one
     scale per 64 weights of a matrix row, see loading.quantize_int8; loading casts back).
-    encoder_alpha: interpolate the mean's encoder weights toward the pretrained Whisper encoder (WiSE-FT)."""
+    encoder_alpha: interpolate the mean's encoder weights toward the pretrained Whisper encoder (WiSE-FT).
+    parts: keep only these trained parts (PARTS) of model.safetensors."""
     configs = {json.dumps(model_config(d)) for d in dirs}
     if len(configs) != 1:
         raise SystemExit(f"error: {[str(d) for d in dirs]} were not trained with one configuration ({CONFIG_NAME} differ)")
     weight_files = sorted(p.relative_to(dirs[0]) for p in dirs[0].rglob("*.safetensors"))
     if dtype == torch.int8 and weight_files != [Path(WEIGHTS_NAME)]:
         raise SystemExit(f"error: int8 is for {WEIGHTS_NAME} alone; {dirs[0]} holds a fine-tuned LLM (llm/): use float16")
+    if parts and weight_files != [Path(WEIGHTS_NAME)]:
+        raise SystemExit(f"error: --parts is for {WEIGHTS_NAME} alone; {dirs[0]} holds a fine-tuned LLM (llm/)")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name in weight_files:
@@ -115,6 +137,8 @@ def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None, 
         if encoder_alpha is not None and name == Path(WEIGHTS_NAME):
             mean = interpolate_encoder(mean, json.loads((dirs[0] / CONFIG_NAME).read_text())["whisper_model"],
                                        encoder_alpha)
+        if parts:
+            mean = keep_parts(mean, parts)
         if dtype == torch.int8:
             mean = quantize_int8({k: v.float() for k, v in mean.items()})
         else:
@@ -141,6 +165,8 @@ def main(argv=None):
                    help="store the averaged weights in this dtype (default: as trained)")
     p.add_argument("--interpolate_encoder", type=float, default=None, metavar="ALPHA",
                    help="WiSE-FT: trained encoder weights = ALPHA * tuned (the mean) + (1 - ALPHA) * pretrained Whisper")
+    p.add_argument("--parts", nargs="+", choices=list(PARTS), default=None,
+                   help="keep only these trained parts (default: all), e.g. lora: adapters for another encoder")
     args = p.parse_args(argv)
     if bool(args.dirs) == bool(args.output_dir) or (args.output_dir and bool(args.last) == bool(args.best)):
         p.error("give an output_dir with one of --last N / --best N, or --dirs")
@@ -149,7 +175,8 @@ def main(argv=None):
     if args.interpolate_encoder is not None and not 0 <= args.interpolate_encoder <= 1:
         p.error("--interpolate_encoder takes an ALPHA from 0 (pretrained) to 1 (tuned)")
     dirs = args.dirs or select(args.output_dir, args.last, args.best)
-    average_dirs(dirs, args.out, getattr(torch, args.dtype) if args.dtype else None, args.interpolate_encoder)
+    average_dirs(dirs, args.out, getattr(torch, args.dtype) if args.dtype else None, args.interpolate_encoder,
+                 args.parts)
     wise = "" if args.interpolate_encoder is None else f", encoder {args.interpolate_encoder} tuned + the rest pretrained"
     print(f"averaged {len(dirs)} checkpoints ({', '.join(d.name for d in dirs)}) into {args.out}{wise}")
 
