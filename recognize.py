@@ -352,6 +352,13 @@ def main(argv=None):
     # a malformed line (or a shard's missing index) stops the run before the model is loaded
     shards = expand_shards(args.data_path) if is_shard_spec(args.data_path) else None
     entries = index_entries(shards, read_indexes(shards)) if shards else read_jsonl(args.data_path)
+    result_path = Path(args.result_path)
+    if result_path.is_dir():
+        raise InputError(f"{result_path}: --result_path is a directory; name the file to write")
+    try:  # a new folder for the results is made, before the model is loaded rather than after
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{result_path}: cannot make its folder ({e})") from e
     if not (Path(args.model_dir) / CONFIG_NAME).is_file():
         raise InputError(f"{args.model_dir}: not a model directory (no {CONFIG_NAME}; train.py writes one)")
     rank, world_size, device = setup_distributed(args.device)
@@ -367,7 +374,6 @@ def main(argv=None):
     # shards: the index holds the durations; unusable audio is reported as it is decoded
     usable, problems = (entries, []) if shards else check_entries(entries, None, for_training=False)
 
-    result_path = Path(args.result_path)
     done = read_partials(result_path)
     # utterances an earlier run decoded without the confidence or words asked for now are decoded again
     wanted = ["confidence"] * args.confidence + ["words"] * args.decoding.word_timestamps

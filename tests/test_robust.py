@@ -394,3 +394,22 @@ def test_recognize_names_a_model_dir_that_is_not_one(tmp_path):
     assert result.returncode == 1
     assert f"error: {tmp_path / 'no_model'}: not a model directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_recognize_makes_the_results_folder_and_names_a_result_path_it_cannot_write(model_dir, tmp_path):
+    """A result path in a folder that does not exist yet is decoded into (the folder is made, as
+    before loading the model); a directory, or a folder under a file, is a clear error."""
+    jsonl = write_corpus(tmp_path / "data", ["a", "b"], [1.0, 1.5])
+    common = ["--model_dir", str(model_dir), "--data_path", str(jsonl), "--max_new_tokens", "4"]
+    result_path = tmp_path / "new" / "deeper" / "result.txt"
+    hyps = recognize.main(common + ["--result_path", str(result_path)])
+    assert [line.split("\t")[0] for line in result_path.read_text().splitlines()] == sorted(hyps) == ["utt0", "utt1"]
+
+    (tmp_path / "a_file").write_text("mine\n")
+    for bad, message in [(tmp_path / "new", "--result_path is a directory"),
+                         (tmp_path / "a_file" / "result.txt", "cannot make its folder")]:
+        result = run("recognize.py", *common, "--result_path", bad)
+        assert result.returncode == 1
+        assert f"error: {bad}: {message}" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert (tmp_path / "a_file").read_text() == "mine\n"
