@@ -43,6 +43,7 @@ def main(argv=None):
     if language not in (None, "en") and not model.is_multilingual:
         raise SystemExit(f"{args.whisper_model} is English only: --language {args.language}")
     entries = read_jsonl(args.data_path)
+    Path(args.result_path).parent.mkdir(parents=True, exist_ok=True)  # now, not after decoding them all
     hyps, audio_seconds = {}, 0.0
     start = time.perf_counter()
     for entry in entries:
