@@ -362,8 +362,8 @@ class SpeechLLM(nn.Module):
         # the LLM's own (mean cross-entropy over labels != -100).
         predicts_label = (labels[:, 1:] != -100).any(0)  # (L-1,): position t predicts token t+1
         positions = predicts_label.nonzero().flatten()  # (K,)
-        # The frozen LLM's keys and values of the prompt's shared opening (system prompt + instruction)
-        # are the same in every sample and step: computed once, the LLM runs on the rest of each row.
+        # The prompt's shared opening (system prompt + instruction) has the same keys and values in
+        # every row: the LLM runs on it once (once per run for a frozen LLM), then on the rest of each row.
         prefix_length = self.training_prefix_length(input_ids, attention_mask, audio_mask) if prefix_cache else 0
         past_key_values = None
         if prefix_length > 0:
@@ -398,12 +398,10 @@ class SpeechLLM(nn.Module):
                           blank=token_embeds.shape[0], zero_infinity=True)
 
     def training_prefix_length(self, input_ids, attention_mask, audio_mask) -> int:
-        """Length of the shared prompt opening a training batch can take from the KV cache: 0 unless
-        the LLM is frozen (with LoRA or full fine-tuning the opening's keys and values depend on weights
-        that train), rows are right-padded (the opening at positions 0..P-1 in every row) and layers
-        are not being checkpointed (the recompute drops a KV cache)."""
-        if ((self.training and self.llm.is_activation_checkpointing) or not bool(attention_mask[:, 0].all())
-                or self.llm_trains):
+        """Length of the shared prompt opening a training batch can take from one KV cache: 0 unless
+        rows are right-padded (the opening at positions 0..P-1 in every row) and layers are not being
+        checkpointed (the recompute drops a KV cache)."""
+        if (self.training and self.llm.is_activation_checkpointing) or not bool(attention_mask[:, 0].all()):
             return 0
         return shared_prefix_length(input_ids, attention_mask, audio_mask)
 
@@ -411,7 +409,14 @@ class SpeechLLM(nn.Module):
         """The LLM's KV cache of prefix_ids (P,), repeated to batch_size rows; a fresh copy each call,
         since the LLM extends it in place. Computed once per prefix, device, dtype and autocast, and
         again once the LLM's weights change (a LoRA step, loading): every in-place update of a tensor
-        bumps its version counter, so the counters of the LLM's parameters identify its weights."""
+        bumps its version counter, so the counters of the LLM's parameters identify its weights.
+        While LoRA or the LLM trains, computed anew with gradients: the rows' gradients through their
+        copies sum into the one computation, as they would over one computation per row. (LoRA's
+        dropout then draws one mask for the opening of the whole batch.)"""
+        if self.llm_trains and torch.is_grad_enabled():
+            cache = self.llm(input_ids=prefix_ids[None], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(batch_size)
+            return cache
         weights = tuple(p._version for p in self.llm.parameters())
         if weights != self._prefix_caches_weights:
             self._prefix_caches, self._prefix_caches_weights = {}, weights

@@ -72,7 +72,8 @@ def test_smoke_levers_and_trainable_tables_are_complete(tmp_path, tiny_llm_dir, 
     out = run_bench(tmp_path, tiny_llm_dir, tiny_whisper_path, "--levers", "--trainable")
     check_common_rows(out, levers=True)  # the trainable settings add no rows to the training table
     levers = table(out, "lever")
-    assert len(levers) == 7 + 5
+    assert len(levers) == 7 + 5 + 1  # + the prefix KV cache while LoRA trains, against LoRA with it
+    assert [row[0] for row in levers].count("prefix KV cache, + LoRA r8") == 1
     for row in levers:
         assert len(row) == 5 and all(number(cell) > 0 for cell in row[2:])
 

@@ -286,6 +286,44 @@ def test_training_prefix_cache_gives_the_llms_loss_and_gradients_on_fewer_tokens
     assert min(g.abs().max() for g in without[1]) > 1e-3  # gradients well above the tolerance
 
 
+@pytest.mark.parametrize("trains", [dict(lora_rank=4, lora_dropout=0.0), dict(train_llm=True)], ids=["lora", "llm"])
+def test_training_prefix_runs_once_per_batch_with_the_gradients_of_one_run_per_row(tiny_config, trains):
+    """While LoRA or the LLM trains, the opening's keys and values depend on the step's weights: the
+    LLM runs on the opening once per batch, with gradients, and every weight's gradient is the one
+    of running it on each row."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = SpeechLLM(replace(tiny_config, **trains))
+    loud_projector(model)
+    with torch.no_grad():  # LoRA's B starts at zero, which gives its A no gradient
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.train()
+    batch = make_batch(model, [1.0, 2.4, 0.6], ["one", "two three four five", "six seven"])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    calls = record_layer_calls(model)
+
+    def loss_and_grads(**forward_kwargs):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, **forward_kwargs).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trained]
+
+    without = loss_and_grads(prefix_cache=False)
+    with_prefix = loss_and_grads()
+    again = loss_and_grads()
+    prefix_length = len(model.prompt._pieces(INSTRUCTION)[0])
+    length = batch["input_ids"].shape[1]
+    assert calls == [length] + [prefix_length, length - prefix_length] * 2  # the opening once per batch, for 1 row
+    llm_grads = [g for p, g in zip(trained, without[1]) if p in set(model.llm.parameters())]
+    assert llm_grads and min(g.abs().max() for g in llm_grads) > 1e-4  # the LLM's own weights get gradients
+    for loss, grads in (with_prefix, again):
+        torch.testing.assert_close(loss, without[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads, without[1], rtol=1e-4, atol=1e-6)
+
+
 def test_activation_checkpointing_recomputes_the_frozen_llm_with_the_same_gradients(tiny_model):
     loud_projector(tiny_model)
     batch = make_batch(tiny_model, [1.0, 2.4], ["one", "two three four five"])

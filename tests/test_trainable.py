@@ -67,13 +67,18 @@ def test_exactly_the_chosen_weights_train(tiny_config, setting):
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_training_prefix_cache_only_for_a_frozen_llm(tiny_config, setting):
-    """The prompt opening's keys and values depend on LoRA / LLM weights that train: never cached."""
+def test_training_prefix_cache_carries_gradients_exactly_when_the_llm_trains(tiny_config, setting):
+    """Every setting runs the prompt's opening once per batch; its keys and values depend on LoRA / LLM
+    weights that train, so there they are computed with gradients, never taken from the cache."""
     model = build(tiny_config, setting)
     model.train()
     batch = make_batch(model, [1.0, 1.6], ["hello", "good morning"])
     prefix = model.training_prefix_length(batch["input_ids"], batch["attention_mask"], batch["audio_mask"])
-    assert (prefix > 0) == (setting in ("projector", "encoder_top1"))
+    assert prefix > 0
+    cache = model.prefix_kv_cache(batch["input_ids"][0, :prefix], 2)
+    keys = cache.layers[0].keys  # (2, kv_heads, prefix, head_dim)
+    assert keys.shape[0] == 2 and keys.shape[2] == prefix
+    assert keys.requires_grad == model.llm_trains == ("lora" in setting or setting == "llm")
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
