@@ -423,7 +423,8 @@ def levers_table(args, train_rows, decode_rows) -> list[str]:
     lines = ["| lever | part | ours | with the lever changed | ours / changed |", "|---|---|---|---|---|"]
     for setting, lever, r in train_rows:
         if lever and lever != "trains":
-            ours_train = next(r["audio_per_s"] for s, lv, r in train_rows if s.trains == setting.trains and lv in (None, "trains"))
+            ours_train = next(row["audio_per_s"] for same, kind, row in train_rows
+                              if same.trains == setting.trains and kind in (None, "trains"))
             lines.append(f"| {lever} | training, audio s / s | {ours_train:.2f} | {r['audio_per_s']:.2f} "
                          f"| {ratio(ours_train, r['audio_per_s'])} |")
     for setting, lever, r in decode_rows:
