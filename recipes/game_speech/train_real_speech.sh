@@ -59,7 +59,7 @@ mix() {
 common=(--data_path corpus/mix/train.jsonl --eval_data_path corpus/real/dev.jsonl
   --lora_rank 8 --per_device_train_batch_size 4 --gradient_accumulation_steps 2
   --eval_strategy steps --save_steps 50 --save_total_limit 8 --logging_steps 10)
-# later_stage NAME DATA INIT STEPS SEED [flags]: stages 10-16 train the same parts at the same peak (projector,
+# later_stage NAME DATA INIT STEPS SEED [flags]: stages 10-17 train the same parts at the same peak (projector,
 # LoRA and Whisper's 4 blocks; lr 1.5e-4, encoder 3e-5; SpecAugment) from INIT, a cosine over STEPS steps on
 # DATA with no eval in between, into OUT/NAME; done once its last checkpoint exists.
 later_stage() {
