@@ -263,11 +263,16 @@ class CollatorKeepingErrors:
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
     """Indices in batches of similar duration (less padding), batch order shuffled. Deterministic
-    given seed and epoch. Each run of `batch_size` consecutive indices is one batch."""
+    given seed and epoch. Each run of `batch_size` consecutive indices is one batch. The ranks take
+    the batches in turn (accelerate deals batch i to rank i % num_replicas), so runs of num_replicas
+    neighbouring batches of one length group are shuffled as units: the ranks of a step get batches
+    of about the same length and none waits long for another at the gradient all-reduce."""
 
-    def __init__(self, durations: list[float], batch_size: int, seed: int = 0, group_batches: int = 64):
+    def __init__(self, durations: list[float], batch_size: int, seed: int = 0, group_batches: int = 64,
+                 num_replicas: int = 1):
         self.durations, self.batch_size, self.seed = durations, batch_size, seed
         self.group_size = batch_size * group_batches
+        self.num_replicas = num_replicas
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -285,8 +290,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             group = sorted(order[start:start + self.group_size], key=lambda i: -self.durations[i])
             batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
         full = [b for b in batches if len(b) == self.batch_size]
-        rng.shuffle(full)  # a short batch (only the last group can have one) goes last
-        return iter([i for batch in full + [b for b in batches if len(b) < self.batch_size] for i in batch])
+        steps = [full[i:i + self.num_replicas] for i in range(0, len(full), self.num_replicas)]
+        rng.shuffle(steps)  # a short batch (only the last group can have one) goes last
+        return iter([i for step in steps for batch in step for i in batch] +
+                    [i for batch in batches if len(batch) < self.batch_size for i in batch])
 
 
 def pack_batches(order: list[int], seconds: list[float], tokens: list[int], max_seconds: float,

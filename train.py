@@ -258,7 +258,8 @@ class SpeechLLMTrainer(Trainer):
         if self.train_durations is None:
             self.length_sampler = None
             return super()._get_train_sampler(train_dataset)
-        self.length_sampler = LengthGroupedSampler(self.train_durations, self._train_batch_size, seed=self.args.seed)
+        self.length_sampler = LengthGroupedSampler(self.train_durations, self._train_batch_size, seed=self.args.seed,
+                                                   num_replicas=self.args.world_size)
         return self.length_sampler
 
     def get_train_dataloader(self):
