@@ -290,9 +290,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             group = sorted(order[start:start + self.group_size], key=lambda i: -self.durations[i])
             batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
         full = [b for b in batches if len(b) == self.batch_size]
-        steps = [full[i:i + self.num_replicas] for i in range(0, len(full), self.num_replicas)]
-        rng.shuffle(steps)  # a short batch (only the last group can have one) goes last
-        return iter([i for step in steps for batch in step for i in batch] +
+        # a round: the batches the ranks run side by side, one each
+        rounds = [full[i:i + self.num_replicas] for i in range(0, len(full), self.num_replicas)]
+        rng.shuffle(rounds)  # a short batch (only the last group can have one) goes last
+        return iter([i for round_ in rounds for batch in round_ for i in batch] +
                     [i for batch in batches if len(batch) < self.batch_size for i in batch])
 
 
