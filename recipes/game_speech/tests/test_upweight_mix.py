@@ -47,3 +47,25 @@ def test_lines_made_from_the_source_are_repeated_with_unique_keys(tmp_path):
         upweight_mix.main(["--mix", str(tmp_path / "mix" / "train.jsonl"), "--source", str(tmp_path / "other.jsonl"),
                            "--times", "2", "--out", str(tmp_path / "mix" / "none.jsonl")])
     assert not (tmp_path / "mix" / "none.jsonl").exists()
+
+
+def test_added_corpora_come_once_with_paths_that_still_find_their_audio(tmp_path):
+    write_jsonl(tmp_path / "real.jsonl", [{"key": "r1", "wav": "r1.wav", "txt": "a"}])
+    (tmp_path / "mix").mkdir()
+    write_jsonl(tmp_path / "mix" / "train.jsonl", [{"key": "r1", "wav": "../r1.wav", "txt": "a"},
+                                                   {"key": "t1", "wav": "../t1.wav", "txt": "c"}])
+    (tmp_path / "broad").mkdir()
+    write_jsonl(tmp_path / "broad" / "train.jsonl", [{"key": "b1", "wav": "wav/b1.wav", "txt": "new text", "voice": "v"}])
+    out = tmp_path / "mix" / "train_more.jsonl"
+    upweight_mix.main(["--mix", str(tmp_path / "mix" / "train.jsonl"), "--source", str(tmp_path / "real.jsonl"),
+                       "--times", "2", "--add", str(tmp_path / "broad" / "train.jsonl"), "--out", str(out)])
+    entries = read_jsonl(out)
+    assert [e["key"] for e in entries] == ["r1", "r1#2", "t1", "b1"]
+    assert Path(entries[3]["wav"]).resolve() == (tmp_path / "broad" / "wav" / "b1.wav").resolve()
+    assert entries[3]["txt"] == "new text" and entries[3]["voice"] == "v"
+
+    write_jsonl(tmp_path / "clash.jsonl", [{"key": "t1", "wav": "x.wav", "txt": "d"}])
+    with pytest.raises(SystemExit, match=r"clash.jsonl:1: key 't1' is already in the mix"):
+        upweight_mix.main(["--mix", str(tmp_path / "mix" / "train.jsonl"), "--source", str(tmp_path / "real.jsonl"),
+                           "--times", "2", "--add", str(tmp_path / "clash.jsonl"), "--out", str(tmp_path / "mix" / "c.jsonl")])
+    assert not (tmp_path / "mix" / "c.jsonl").exists()
