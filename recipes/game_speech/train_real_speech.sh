@@ -11,7 +11,8 @@
 # FROM_STAGE=16 runs it alone), then once more from stage 16 as shipped (stage 17, OUT/stage17;
 # FROM_STAGE=17 starts there, making only the corpora it needs), then once more from stage 17 as shipped
 # (stage 18, OUT/stage18; FROM_STAGE=18 runs it alone), then new broad text on that mix (stage 19, OUT/stage19;
-# from the mean of stages 17 and 18; FROM_STAGE=19 makes stage 18 first where it is missing). Shipped: stage 17 in int8, OUT/shipped17.
+# from the mean of stages 17 and 18; FROM_STAGE=19 makes stage 18 first where it is missing). Shipped: the mean of stages 17 and 18 in
+# int8, OUT/mean17_18.
 # Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
@@ -208,7 +209,7 @@ init17=$out/stage16_shipped
 if [ "$from" -le 17 ]; then
 shipped_model b5d7e3e "$init17"
 later_stage stage17 corpus/mix5/train_real3x.jsonl "$init17" 1100 15 "$@"
-# The shipped model: stage 17 in int8 (in domain ahead of stage 16 and of the mean of 16 and 17, greedy and
+# The model shipped before the mean of 17 and 18: stage 17 in int8 (in domain ahead of stage 16 and of the mean of 16 and 17, greedy and
 # beam 4; level with stage 16 on the new text).
 [ -d "$out/shipped17" ] || python tools/average_checkpoints.py --dirs "$out/stage17/checkpoint-1100" \
   --out "$out/shipped17" --dtype int8
@@ -219,9 +220,9 @@ init18=$out/stage17_shipped
 if [ "$from" -le 19 ]; then  # stage 19 starts from it
 shipped_model 0ec34bd "$init18"
 later_stage stage18 corpus/mix5/train_real3x.jsonl "$init18" 1100 16 "$@"
-# Not shipped alone: against stage 17 it gains 1.06 on the new text and loses 0.88 greedy and 0.59 with
-# beam 4 on the real dev. The mean of stage 17 as shipped and stage 18 (int8) is level with stage 17 in
-# domain (27.50 greedy, 24.53 beam 4) and 0.77 ahead on the new text (GENERALIZATION.md).
+# Alone it gains 1.06 on the new text and loses 0.88 greedy and 0.59 with beam 4 on the real dev against
+# stage 17. The shipped model: the mean of stage 17 as shipped and stage 18, int8 (level with stage 17 in
+# domain, 27.50 greedy and 24.53 with beam 4; 0.5-0.8 ahead on the new text, new voices and TTS dev).
 [ -d "$out/mean17_18" ] || python tools/average_checkpoints.py --dirs "$init18" "$out/stage18/checkpoint-1100" \
   --out "$out/mean17_18" --dtype int8
 fi
