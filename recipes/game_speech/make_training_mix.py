@@ -14,6 +14,10 @@ Writes OUT/train.jsonl, OUT/stats.json and OUT/wav/{long,short,silence,augmented
   with txt "" (a model that never heard nothing invents text for it);
 - augmented: copies of some originals through a telephone channel (8 kHz, 300-3400 Hz, sometimes
   mu-law), noise at 5-20 dB SNR, reverb, or Kaldi's speed perturbation 0.9/1.1 (pitch changes too).
+  Two more on request (--augmentations): "codec", a lossy speech codec (GSM 06.10, AMR-NB at 4.75-12.2
+  kbit/s, G.711 A-law on the phone band; Ogg Vorbis at its lowest quality on the full band, in place of
+  G.722, which sox cannot write), and "pitch", a bigger or smaller speaker: pitch and formants scaled
+  together by 0.89-0.95 or 1.05-1.12 at the same length (sox pitch; not VTLP's formant-only warp).
 
 Numbers are written the way Whisper's English normalizer (compute_wer.py) writes them: digits, "40",
 "2005", "3.5", a digit string as one number "4719". That form is left unchanged by the normalizer on
@@ -60,7 +64,12 @@ SILENCE_SECONDS = (0.5, 30.0)
 GROUP_FIELDS = ("speaker", "scene", "voice")
 SILENCES = ("silence", "white", "pink", "brown", "hum", "room")
 NOISES = ("white", "pink", "brown", "hum", "room")
-AUGMENTATIONS = {"telephone": 1.0, "noise": 1.0, "reverb": 1.0, "speed0.9": 1 / 0.9, "speed1.1": 1 / 1.1}  # length factor
+AUGMENTATIONS = {"telephone": 1.0, "noise": 1.0, "reverb": 1.0, "speed0.9": 1 / 0.9, "speed1.1": 1 / 1.1,
+                 "codec": 1.0, "pitch": 1.0}  # -> length factor
+DEFAULT_AUGMENTATIONS = ("telephone", "noise", "reverb", "speed0.9", "speed1.1")  # every shipped mix's
+# (file type or WAV encoding, sample rate, sox options): what --augmentations codec draws from
+CODECS = {"gsm": ("gsm", 8000, ()), "amr-nb": ("amr-nb", 8000, ("-C", "{mode}")), "a-law": ("a-law", 8000, ()),
+          "vorbis": ("ogg", 16000, ("-C", "-1"))}
 SHORT_KINDS = {"word": 0.4, "number": 0.3, "digits": 0.15, "letters": 0.15}
 # what people say alone that a dictionary's frequent lemmas miss
 COMMON_WORDS = "yes no okay hello hi hey thanks please sorry stop wait help right left up down next back".split()
@@ -182,13 +191,14 @@ def plan_silence(n: int, seed: int) -> list[dict]:
     return items
 
 
-def plan_augmented(entries: list[dict], fraction: float, seed: int) -> list[dict]:
-    """A copy of about `fraction` of the utterances, each through one augmentation that keeps it <= 30 s.
-    Drawn per source key, so adding sources changes no existing copy."""
+def plan_augmented(entries: list[dict], fraction: float, seed: int,
+                   names=DEFAULT_AUGMENTATIONS) -> list[dict]:
+    """A copy of about `fraction` of the utterances, each through one of the augmentations `names` that
+    keeps it <= 30 s. Drawn per source key, so adding sources changes no existing copy."""
     items = []
     for e in entries:
         rng = random.Random(f"{seed}/augment/{e['key']}")
-        fitting = [name for name, factor in AUGMENTATIONS.items() if e["duration"] * factor <= MAX_SECONDS]
+        fitting = [name for name in names if e["duration"] * AUGMENTATIONS[name] <= MAX_SECONDS]
         if not e["txt"].strip() or rng.random() >= fraction or not fitting:
             continue
         variant = rng.choice(fitting)
@@ -206,6 +216,10 @@ def augmentation_params(variant: str, rng: random.Random) -> dict:
         return dict(noise_kind=rng.choice(NOISES), snr_db=round(rng.uniform(5, 20), 1), seed=rng.randrange(2**32))
     if variant == "reverb":  # sox's reverberance %, HF damping %, room scale %
         return dict(reverb=[rng.randint(20, 80), rng.randint(20, 80), rng.randint(30, 100)])
+    if variant == "codec":  # AMR-NB's 8 modes: 4.75 to 12.2 kbit/s
+        return dict(codec=rng.choice(sorted(CODECS)), codec_mode=rng.randrange(8))
+    if variant == "pitch":  # never within 5% of the speaker's own size
+        return dict(pitch_factor=round(rng.choice([rng.uniform(0.89, 0.95), rng.uniform(1.05, 1.12)]), 3))
     return {}
 
 
@@ -327,8 +341,29 @@ def sox(audio: np.ndarray, *effects: str, output=("-e", "floating-point")) -> np
         return load_audio(f"{tmp}/out.wav")
 
 
-def augment(wav: str, variant: str, mu_law=False, noise_kind=None, snr_db=None, seed=None, reverb=None) -> np.ndarray:
+def through_codec(audio: np.ndarray, codec: str, mode: int) -> np.ndarray:
+    """16 kHz audio encoded by `codec` (CODECS), then decoded back to 16 kHz; narrowband codecs get the
+    phone band first, as a phone would."""
+    file_type, rate, options = CODECS[codec]
+    band = ("sinc", "300-3400") if rate == 8000 else ()
+    with tempfile.TemporaryDirectory() as tmp:
+        soundfile.write(f"{tmp}/in.wav", audio, SAMPLE_RATE, subtype="FLOAT")
+        coded = f"{tmp}/coded.wav" if file_type == "a-law" else f"{tmp}/coded.{file_type}"
+        encoding = ("-e", "a-law") if file_type == "a-law" else ()
+        subprocess.run(["sox", "-R", f"{tmp}/in.wav", "-r", str(rate), *encoding,
+                        *(o.format(mode=mode) for o in options), coded, *band], check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(["sox", "-R", coded, "-e", "floating-point", f"{tmp}/out.wav"], check=True,
+                       stderr=subprocess.DEVNULL)
+        return load_audio(f"{tmp}/out.wav")
+
+
+def augment(wav: str, variant: str, mu_law=False, noise_kind=None, snr_db=None, seed=None, reverb=None,
+            codec=None, codec_mode=0, pitch_factor=None) -> np.ndarray:
     audio = load_audio(wav)
+    if variant == "codec":
+        return through_codec(audio, codec, codec_mode)
+    if variant == "pitch":  # in cents; -h: headroom, as the shift can raise the peak; rate: pitch's own resampling
+        return sox(audio, "gain", "-h", "pitch", f"{1200 * np.log2(pitch_factor):.1f}", "rate", "16000", "gain", "-r")
     if variant == "telephone":  # a phone line's band at its 8 kHz rate (load_audio brings it back to 16 kHz)
         codec = ("-e", "u-law") if mu_law else ("-b", "16")
         return sox(audio, "sinc", "300-3400", "rate", "8000", output=("-r", "8000", *codec))
@@ -422,6 +457,8 @@ def main(argv=None):
     p.add_argument("--short_fraction", type=float, default=0.1, help="short items per source utterance")
     p.add_argument("--silence_fraction", type=float, default=0.03, help="share of all clips that are silence/noise")
     p.add_argument("--augment_fraction", type=float, default=0.3, help="share of source utterances with an augmented copy")
+    p.add_argument("--augmentations", nargs="+", choices=list(AUGMENTATIONS), default=list(DEFAULT_AUGMENTATIONS),
+                   help="what an augmented copy is drawn from (default: all but codec and pitch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
@@ -438,7 +475,7 @@ def main(argv=None):
     originals = plan_originals(entries, out)
     long = plan_long(entries, args.long_fraction, args.seed)
     short = plan_short(round(args.short_fraction * len(entries)), out, args.seed)
-    augmented = plan_augmented(entries, args.augment_fraction, args.seed)
+    augmented = plan_augmented(entries, args.augment_fraction, args.seed, args.augmentations)
     others = len(originals) + len(long) + len(short) + len(augmented)
     silences = plan_silence(round(args.silence_fraction / (1 - args.silence_fraction) * others), args.seed)
     items = originals + long + short + silences + augmented

@@ -122,9 +122,11 @@ def test_resume_keeps_existing_files(sources, tmp_path):
 
 
 @needs_sox
-def test_augmented_copies(sources, tmp_path):
+@pytest.mark.parametrize("names", [mix.DEFAULT_AUGMENTATIONS, ("codec", "pitch")])
+def test_augmented_copies(sources, tmp_path, names):
+    chosen = [] if names == mix.DEFAULT_AUGMENTATIONS else ["--augmentations", *names]
     entries = run(sources, tmp_path / "mix", "--augment_fraction", "1", "--long_fraction", "0",
-                  "--silence_fraction", "0.01")
+                  "--silence_fraction", "0.01", *chosen)
     by_key = {e["key"]: e for e in entries}
     augmented = [e for e in entries if e["kind"] == "augmented"]
     assert len(augmented) == sum(e["kind"] == "original" for e in entries)  # every original, once
@@ -135,7 +137,21 @@ def test_augmented_copies(sources, tmp_path):
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16") and info.duration <= 30
         factor = mix.AUGMENTATIONS[e["variant"]]
         assert info.duration == pytest.approx(source["duration"] * factor, abs=0.02)
-    assert "u12" in by_key and "u12-speed0.9" not in by_key  # 28 s / 0.9 > 30 s: never drawn
+    if "speed0.9" in names:
+        assert "u12" in by_key and "u12-speed0.9" not in by_key  # 28 s / 0.9 > 30 s: never drawn
+    assert {e["variant"] for e in augmented} == set(names)
+
+
+def test_default_augmentations_draw_as_before():
+    """The shipped mixes were made before codec and pitch existed: the default must draw the same copies
+    (these are what the code drew then, for seed 3)."""
+    entries = [dict(key=f"k{i}", txt="a b", duration=2.0 + i, wav=f"{i}.wav") for i in range(27)]
+    drawn = [(e["sources"][0], e["variant"]) for e in mix.plan_augmented(entries, 0.5, 3)]
+    assert drawn == [("k0", "telephone"), ("k2", "noise"), ("k7", "telephone"), ("k9", "noise"), ("k14", "reverb"),
+                     ("k15", "reverb"), ("k18", "noise"), ("k19", "reverb"), ("k20", "reverb"), ("k21", "speed1.1"),
+                     ("k22", "reverb"), ("k23", "reverb"), ("k24", "speed0.9")]
+    chosen = mix.plan_augmented(entries, 1.0, 3, names=("codec", "pitch"))
+    assert len(chosen) == 27 and {e["variant"] for e in chosen} == {"codec", "pitch"}
 
 
 @needs_sox
@@ -148,9 +164,43 @@ def test_each_augmentation(tmp_path, variant):
     assert audio.dtype == np.float32 and audio.ndim == 1 and np.isfinite(audio).all()
     assert len(audio) == pytest.approx(32000 * mix.AUGMENTATIONS[variant], abs=50)
     if variant == "telephone":  # nothing left above the phone band
-        spectrum = np.abs(np.fft.rfft(audio)) ** 2
-        assert spectrum[np.fft.rfftfreq(len(audio), 1 / 16000) > 3800].sum() < 1e-3 * spectrum.sum()
+        assert high_band_share(audio) < 1e-3
     np.testing.assert_array_equal(audio, mix.augment(str(wav), variant, **params))  # deterministic
+
+
+def peak_hz(audio: np.ndarray) -> float:
+    return float(np.fft.rfftfreq(len(audio), 1 / 16000)[np.argmax(np.abs(np.fft.rfft(audio)))])
+
+
+def high_band_share(audio: np.ndarray) -> float:
+    """Share of the energy above 3.8 kHz."""
+    spectrum = np.abs(np.fft.rfft(audio)) ** 2
+    return spectrum[np.fft.rfftfreq(len(audio), 1 / 16000) > 3800].sum() / spectrum.sum()
+
+
+@needs_sox
+@pytest.mark.parametrize("codec", sorted(mix.CODECS))
+def test_each_codec(codec):
+    """A 220 Hz tone in noise: the tone survives, the length is kept, narrowband codecs cut the band a
+    phone cuts, the wideband one keeps it, and the codec changed the audio (it is lossy)."""
+    audio = (0.3 * np.sin(2 * np.pi * 220 * np.arange(32000) / 16000)
+             + 0.05 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
+    coded = mix.through_codec(audio, codec, mode=0)
+    assert coded.dtype == np.float32 and len(coded) == pytest.approx(32000, abs=50)
+    assert peak_hz(coded) == pytest.approx(220, abs=2)
+    narrowband = mix.CODECS[codec][1] == 8000
+    assert (high_band_share(coded) < 1e-3) if narrowband else (high_band_share(coded) > 0.5 * high_band_share(audio))
+    assert np.abs(coded[:31000] - audio[:31000]).mean() > 0.01
+
+
+@needs_sox
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_pitch_moves_frequencies_keeps_length(tmp_path, factor):
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, 0.3 * np.sin(2 * np.pi * 220 * np.arange(32000) / 16000), 16000)
+    shifted = mix.augment(str(wav), "pitch", pitch_factor=factor)
+    assert len(shifted) == pytest.approx(32000, abs=50)
+    assert peak_hz(shifted) == pytest.approx(220 * factor, abs=3)
 
 
 def test_short_transcripts_score_as_spoken():
