@@ -4,7 +4,7 @@
     python recipes/game_speech/make_training_mix.py --sources corpus/train.jsonl corpus/real/train.jsonl --out corpus/mix
 
 Writes OUT/train.jsonl, OUT/stats.json and OUT/wav/{long,short,silence,augmented}/ with:
-- original: every usable source utterance, referenced by path (not copied);
+- original: every usable source utterance, referenced by path (not copied; none with --no_originals);
 - long: consecutive utterances of one speaker/scene/voice (source order without those fields) joined
   by 0.1-0.8 s pauses into 5-30 s clips, the transcripts joined with spaces (a model trained on
   2-5 s clips loops on long ones);
@@ -459,6 +459,8 @@ def main(argv=None):
     p.add_argument("--augment_fraction", type=float, default=0.3, help="share of source utterances with an augmented copy")
     p.add_argument("--augmentations", nargs="+", choices=list(AUGMENTATIONS), default=list(DEFAULT_AUGMENTATIONS),
                    help="what an augmented copy is drawn from (default: all but codec and pitch)")
+    p.add_argument("--no_originals", action="store_true",
+                   help="write the made clips alone: copies to add to an existing mix (upweight_mix.py --add)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
@@ -478,7 +480,7 @@ def main(argv=None):
     augmented = plan_augmented(entries, args.augment_fraction, args.seed, args.augmentations)
     others = len(originals) + len(long) + len(short) + len(augmented)
     silences = plan_silence(round(args.silence_fraction / (1 - args.silence_fraction) * others), args.seed)
-    items = originals + long + short + silences + augmented
+    items = ([] if args.no_originals else originals) + long + short + silences + augmented
     if len({item["key"] for item in items}) < len(items):
         sys.exit("error: a generated key equals a source key; rename the source's keys")
     tasks = [dict(item, out=str(out)) for item in items if item["kind"] != "original"]

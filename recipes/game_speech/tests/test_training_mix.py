@@ -140,6 +140,11 @@ def test_augmented_copies(sources, tmp_path, names):
     if "speed0.9" in names:
         assert "u12" in by_key and "u12-speed0.9" not in by_key  # 28 s / 0.9 > 30 s: never drawn
     assert {e["variant"] for e in augmented} == set(names)
+    copies = run(sources, tmp_path / "mix", "--augment_fraction", "1", "--long_fraction", "0",
+                 "--silence_fraction", "0", "--no_originals", *chosen)  # what upweight_mix.py --add takes
+    def same(e):
+        return {k: v for k, v in e.items() if k != "where"}  # where: the manifest's line
+    assert [same(e) for e in copies] == [same(e) for e in augmented]
 
 
 def test_default_augmentations_draw_as_before():
