@@ -187,7 +187,8 @@ def high_band_share(audio: np.ndarray) -> float:
 @pytest.mark.parametrize("codec", sorted(mix.CODECS))
 def test_each_codec(codec):
     """A 220 Hz tone in noise: the tone survives, the length is kept, narrowband codecs cut the band a
-    phone cuts, the wideband one keeps it, and the codec changed the audio (it is lossy)."""
+    phone cuts, the wideband one keeps it, and each is lossy: further from the input than the same band
+    in 16-bit PCM (A-law, the mildest, is 1.4% off in RMS; 16-bit PCM 0.003%)."""
     audio = (0.3 * np.sin(2 * np.pi * 220 * np.arange(32000) / 16000)
              + 0.05 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
     coded = mix.through_codec(audio, codec, mode=0)
@@ -195,7 +196,11 @@ def test_each_codec(codec):
     assert peak_hz(coded) == pytest.approx(220, abs=2)
     narrowband = mix.CODECS[codec][1] == 8000
     assert (high_band_share(coded) < 1e-3) if narrowband else (high_band_share(coded) > 0.5 * high_band_share(audio))
-    assert np.abs(coded[:31000] - audio[:31000]).mean() > 0.01
+    pcm = mix.sox(audio, "sinc", "300-3400", "rate", "8000", output=("-r", "8000", "-b", "16")) if narrowband else audio
+    n = min(len(coded), len(pcm))
+    assert np.sqrt(np.mean((coded[:n] - pcm[:n]) ** 2) / np.mean(pcm[:n] ** 2)) > 0.005
+    if codec == "amr-nb":  # the mode is its bit rate
+        assert not np.array_equal(coded, mix.through_codec(audio, codec, mode=7))
 
 
 @needs_sox
