@@ -11,8 +11,10 @@
 # FROM_STAGE=16 runs it alone), then once more from stage 16 as shipped (stage 17, OUT/stage17;
 # FROM_STAGE=17 starts there, making only the corpora it needs), then once more from stage 17 as shipped
 # (stage 18, OUT/stage18; FROM_STAGE=18 runs it alone), then new broad text on that mix (stage 19, OUT/stage19;
-# from the mean of stages 17 and 18; FROM_STAGE=19 makes stage 18 first where it is missing). Shipped:
-# stage 19 averaged with the mean of stages 17 and 18, in int8, OUT/mean17_18_19.
+# from the mean of stages 17 and 18; FROM_STAGE=19 makes stage 18 first where it is missing), then
+# codec and speaker-size copies on that mix (stage 20, OUT/stage20; FROM_STAGE=20 runs it alone once
+# OUT/mean17_18_19 exists). Shipped: stage 19 averaged with the mean of stages 17 and 18, in int8,
+# OUT/mean17_18_19.
 # Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
@@ -242,3 +244,15 @@ later_stage stage19 corpus/mix5/train_real3x_broad4.jsonl "$out/mean17_18" 1100 
 # ahead greedy on the real dev, the new text, the new voices and the TTS dev, level on the other game.
 [ -d "$out/mean17_18_19" ] || python tools/average_checkpoints.py --dirs "$out/mean17_18" \
   "$out/stage19/checkpoint-1100" --out "$out/mean17_18_19" --dtype int8
+# Stage 20 (issue 32, item 3): the same mix plus corpus/aug6, codec (GSM, AMR-NB, A-law, Vorbis) and
+# speaker-size (pitch) copies of a fifth of every source and of corpus/broad4 (make_training_mix.py
+# --augmentations codec pitch --no_originals), added once each. From OUT/mean17_18_19, the same parts,
+# peak and length, seed 18.
+[ -f corpus/aug6/train.jsonl ] || python recipes/game_speech/make_training_mix.py --sources corpus/train.jsonl \
+  corpus/real/train.jsonl corpus/bass/train.jsonl corpus/broad/train.jsonl corpus/broad2/train.jsonl \
+  corpus/broad3/train.jsonl corpus/broad4/train.jsonl --out corpus/aug6 --no_originals --long_fraction 0 \
+  --short_fraction 0 --silence_fraction 0 --augment_fraction 0.2 --augmentations codec pitch --seed 6 --jobs 2
+[ -f corpus/mix5/train_real3x_broad4_aug6.jsonl ] || python recipes/game_speech/upweight_mix.py --mix corpus/mix5/train.jsonl \
+  --source corpus/real/train.jsonl --times 3 --add corpus/broad4/train.jsonl corpus/aug6/train.jsonl \
+  --out corpus/mix5/train_real3x_broad4_aug6.jsonl
+later_stage stage20 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean17_18_19" 1100 18 "$@"
