@@ -1,5 +1,6 @@
 """Audio: loading any file soundfile reads (or a stretch of it) as 16 kHz mono, the checks a header
-allows, long recordings cut into pieces at pauses, Whisper's log-mel features and SpecAugment on them.
+allows, long recordings cut into pieces at pauses, Whisper's log-mel features, and SpecAugment and
+vocal tract length perturbation on them.
 The manifests, the check pass over a data set and batching are data.py's."""
 import math
 import os
@@ -173,3 +174,36 @@ def spec_augment(mel: torch.Tensor, mel_lengths: torch.Tensor, freq_masks: int =
             start = int(torch.randint(0, length - width + 1, (), device="cpu"))
             mel[i, :, start:start + width] = fill
     return mel
+
+
+def slaney_mel(hz: torch.Tensor) -> torch.Tensor:
+    """Hz -> the Slaney mel scale of Whisper's filterbank (librosa's default): linear to 1 kHz, log above."""
+    return torch.where(hz < 1000, hz * 3 / 200, 15 + torch.log(hz.clamp(min=1000) / 1000) * 27 / math.log(6.4))
+
+
+def slaney_hz(mel: torch.Tensor) -> torch.Tensor:
+    return torch.where(mel < 15, mel * 200 / 3, 1000 * torch.exp((mel - 15) * math.log(6.4) / 27))
+
+
+def vtlp(mel: torch.Tensor, factors: torch.Tensor, boundary_hz: float = 4800.0) -> torch.Tensor:
+    """Vocal tract length perturbation (Jaitly & Hinton, 2013) on a batch of log-mels: utterance i's
+    filterbank centres move from f to factors[i] * f below the boundary, and linearly from there to
+    the Nyquist frequency, which stays put. A factor above 1 makes formants lower (a longer vocal
+    tract), the length and the pitch's timing unchanged: sox's pitch shift moves pitch and formants
+    together. Each warped centre is read from the log-mel by linear interpolation between the two
+    nearest bins, as warping Whisper's filters would within their width.
+    mel: (B, n_mels, T), factors: (B,) -> (B, n_mels, T)."""
+    n_mels, nyquist = mel.shape[1], SAMPLE_RATE / 2
+    # the filters' centres, evenly spaced in mel from 0 Hz to Nyquist (librosa.filters.mel's layout)
+    # (on the CPU, in float64: at factor 1 the warp is the identity to within 1e-12 of a bin)
+    step = slaney_mel(torch.tensor(nyquist, dtype=torch.float64, device="cpu")) / (n_mels + 1)
+    centres = slaney_hz(step * torch.arange(1, n_mels + 1, dtype=torch.float64, device="cpu"))  # (n_mels,) Hz
+    alpha = factors.cpu().double()[:, None]  # (B, 1)
+    knee = boundary_hz * alpha.clamp(max=1) / alpha  # where the warp bends, so that its top stays below Nyquist
+    above = nyquist - (nyquist - boundary_hz * alpha.clamp(max=1)) / (nyquist - knee) * (nyquist - centres)
+    warped = torch.where(centres <= knee, alpha * centres, above)  # (B, n_mels) Hz
+    position = (slaney_mel(warped) / step - 1).clamp(0, n_mels - 1)  # fractional bin index
+    low = position.floor().long().clamp(max=n_mels - 2)
+    weight = (position - low)[:, :, None].to(mel.device, mel.dtype)  # (B, n_mels, 1)
+    low = low.to(mel.device)[:, :, None].expand(-1, -1, mel.shape[2])  # (B, n_mels, T)
+    return torch.lerp(mel.gather(1, low), mel.gather(1, low + 1), weight)

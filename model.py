@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from audio import spec_augment
+from audio import spec_augment, vtlp
 from data import Collator, DataSpec
 from decoding import CTCLogits, DecodingOptions, decode, decoding_options, transcripts
 from loading import dequantize_int8, load_llm, load_whisper, resolve_bundled  # noqa: F401 (resolve_bundled: re-exported)
@@ -182,6 +182,9 @@ class SpeechLLMConfig:
     pad_to_30s: bool = option(False, help="Whisper's native input: every clip padded to 30 s, 300 audio tokens (slower)")
     spec_augment: bool = option(False, help=(
         "SpecAugment: frequency bands and time spans of the log-mel masked in training (never in eval)"))
+    vtlp: float = option(0.0, range=">= 0, < 0.5", help=(
+        "vocal tract length perturbation in training: each clip's filterbank warped by a factor drawn "
+        "from [1 - vtlp, 1 + vtlp] (0.1 in Jaitly & Hinton, 2013; 0 = off)"))
     # What trains besides the projector (see trainable_parameters); all off: projector only
     lora_rank: int = option(0, range=">= 0", help="LoRA adapters of this rank on the LLM (0 = none)")
     lora_alpha: float = option(16.0, range="> 0", help="LoRA scale: the update is B A * alpha / rank")
@@ -352,6 +355,8 @@ class SpeechLLM(nn.Module):
 
     def forward(self, mel, mel_lengths, input_ids, attention_mask, audio_mask, labels=None,
                 prefix_cache: bool = True):
+        if self.training and self.config.vtlp:
+            mel = vtlp(mel, 1 + self.config.vtlp * (2 * torch.rand(len(mel), device="cpu") - 1))
         if self.training and self.config.spec_augment:
             mel = spec_augment(mel, mel_lengths)
         inputs_embeds = self.embed(mel, mel_lengths, input_ids, audio_mask)

@@ -60,7 +60,7 @@ def test_checkpoints_of_different_configurations_are_refused(tiny_model, tiny_co
 
 def test_runs_differing_only_in_how_they_trained_average(tiny_model, tiny_config, tmp_path):
     tiny_model.save_pretrained(tmp_path / "a")
-    other = SpeechLLM(replace(tiny_config, spec_augment=True, lora_dropout=0.1))
+    other = SpeechLLM(replace(tiny_config, spec_augment=True, vtlp=0.1, lora_dropout=0.1))
     other.save_pretrained(tmp_path / "b")
     average(["--dirs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "avg")])
     mean = load_file(tmp_path / "avg" / "model.safetensors")

@@ -85,11 +85,11 @@ def test_hotword_bonus_is_the_same_made_under_meta(ctc_model):
     assert on_cpu[0].max() > 0  # " King" extends the phrase
 
 
-@pytest.mark.parametrize("spec_augment", [False, True])
-def test_training_step_makes_every_tensor_on_its_inputs_device(tiny_config, spec_augment, only_our_code_on_meta):
+@pytest.mark.parametrize("augment", [False, True])
+def test_training_step_makes_every_tensor_on_its_inputs_device(tiny_config, augment, only_our_code_on_meta):
     torch.manual_seed(0)
     model = SpeechLLM(replace(tiny_config, ctc_weight=1.0, lora_rank=4, train_encoder_layers=1,
-                              spec_augment=spec_augment)).train()
+                              spec_augment=augment, vtlp=0.1 if augment else 0.0)).train()
     batch = make_batch(model, [0.8, 1.9], ["one two", "three four five"])
     only_our_code_on_meta(model)
     with torch.device("meta"):

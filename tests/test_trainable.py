@@ -2,7 +2,9 @@
 chosen weights get gradients and change, they (and only they) are saved and load back, bf16 weights
 run forward, backward and generate, and the decoding prefix cache follows weight changes."""
 from dataclasses import replace
+from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -237,6 +239,55 @@ def test_spec_augment_masks_only_in_training_and_within_each_utterance(tiny_conf
         model.eval()
         assert torch.equal(model(**batch).loss, eval_loss)
     assert not torch.equal(train_losses[0], train_losses[1])  # new masks each step
+
+
+def tone_mel(hz: float) -> torch.Tensor:
+    """The log-mel of a 1 s sine at hz: (80, 100)."""
+    from audio import SAMPLE_RATE, log_mel
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    return log_mel((0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32), 80)
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+@pytest.mark.parametrize("hz", [700.0, 2500.0])
+def test_vtlp_moves_a_tone_to_where_the_warp_says(factor, hz):
+    """A filter centred at f reads the spectrum at factor * f (below the 4.8 kHz knee), so a tone at
+    hz lands where a tone at hz / factor would: lower for a factor above 1 (a longer vocal tract)."""
+    from audio import vtlp
+    original = tone_mel(hz).mean(1)  # (80,): the spectrum over time
+    warped = vtlp(tone_mel(hz)[None], torch.tensor([factor]))[0].mean(1)
+    expected = tone_mel(hz / factor).mean(1)
+    assert warped.argmax() == expected.argmax() != original.argmax()
+    similarity = partial(torch.nn.functional.cosine_similarity, dim=0)
+    assert similarity(warped, expected) > max(0.98, similarity(original, expected) + 0.04)
+
+
+def test_vtlp_is_the_identity_at_factor_1_and_warps_each_utterance_by_its_own_factor():
+    from audio import vtlp
+    torch.manual_seed(0)
+    mel = torch.randn(2, 80, 30)
+    assert torch.equal(vtlp(mel, torch.ones(2)), mel)
+    both = vtlp(mel, torch.tensor([1.1, 0.9]))
+    assert torch.equal(both[0], vtlp(mel[:1], torch.tensor([1.1]))[0])
+    assert torch.equal(both[1], vtlp(mel[1:], torch.tensor([0.9]))[0])
+    assert not torch.equal(both[0], mel[0])
+    near_nyquist = tone_mel(7600.0)[None].expand(2, -1, -1)  # above the knee the warp tapers to none
+    assert vtlp(near_nyquist, torch.tensor([1.1, 0.9])).mean(2).argmax(1).tolist() == \
+        [near_nyquist[0].mean(1).argmax().item()] * 2
+
+
+def test_vtlp_warps_only_in_training(tiny_config):
+    model = build(tiny_config, "projector", vtlp=0.1)
+    batch = make_batch(model, [1.0, 1.6], ["hello world", "good morning"])
+    with torch.no_grad():
+        eval_loss = model(**batch).loss
+        model.train()
+        torch.manual_seed(0)
+        train_losses = [model(**batch).loss for _ in range(2)]
+        model.eval()
+        assert torch.equal(model(**batch).loss, eval_loss)
+    assert not torch.equal(train_losses[0], train_losses[1])  # a new factor each step
+    assert not torch.equal(train_losses[0], eval_loss)
 
 
 def test_warm_start_from_a_fully_fine_tuned_dir_loads_its_llm(tiny_config, tmp_path):

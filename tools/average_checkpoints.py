@@ -66,7 +66,7 @@ def select(output_dir: Path, last: int | None, best: int | None) -> list[Path]:
 
 # Fields that change how a run trains, not the model it makes: runs that differ only there (a later
 # stage with SpecAugment on) average into a model of the first dir's configuration.
-TRAINING_ONLY = ("spec_augment", "lora_dropout")
+TRAINING_ONLY = ("spec_augment", "vtlp", "lora_dropout")
 # The decoding token budget measured on each run's training data (train.training_token_rate): runs on
 # other data differ there; the mean takes the largest budget, one that fits every run's transcripts.
 MEASURED_BUDGET = ("max_tokens_per_second", "max_tokens_extra")
