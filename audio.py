@@ -199,8 +199,10 @@ def vtlp(mel: torch.Tensor, factors: torch.Tensor, boundary_hz: float = 4800.0) 
     step = slaney_mel(torch.tensor(nyquist, dtype=torch.float64, device="cpu")) / (n_mels + 1)
     centres = slaney_hz(step * torch.arange(1, n_mels + 1, dtype=torch.float64, device="cpu"))  # (n_mels,) Hz
     alpha = factors.cpu().double()[:, None]  # (B, 1)
-    knee = boundary_hz * alpha.clamp(max=1) / alpha  # where the warp bends, so that its top stays below Nyquist
-    above = nyquist - (nyquist - boundary_hz * alpha.clamp(max=1)) / (nyquist - knee) * (nyquist - centres)
+    # the warp bends at knee (to bent Hz), so that its top stays below Nyquist whatever the factor
+    bent = boundary_hz * alpha.clamp(max=1)
+    knee = bent / alpha
+    above = nyquist - (nyquist - bent) / (nyquist - knee) * (nyquist - centres)
     warped = torch.where(centres <= knee, alpha * centres, above)  # (B, n_mels) Hz
     position = (slaney_mel(warped) / step - 1).clamp(0, n_mels - 1)  # fractional bin index
     low = position.floor().long().clamp(max=n_mels - 2)
