@@ -258,3 +258,8 @@ later_stage stage19 corpus/mix5/train_real3x_broad4.jsonl "$out/mean17_18" 1100 
 later_stage stage20 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean17_18_19" 1100 18 "$@"
 # Not shipped: averaged with OUT/mean17_18_19 it gains 0.44 on the new text, 0.69 on the new voices, 1.19
 # on the other game and 0.59 with beam 4 on the real dev, and loses 0.13 greedy on the real dev.
+[ -d "$out/mean_m171819_20" ] || python tools/average_checkpoints.py --dirs "$out/mean17_18_19" \
+  "$out/stage20/checkpoint-1100" --out "$out/mean_m171819_20" --dtype int8
+# Stage 21 (issue 32, item 3): VTLP (--vtlp 0.1: each clip's formants move by a factor in [0.9, 1.1]) on
+# the stage-20 mix, from that mean, the same parts, peak and length, seed 19.
+later_stage stage21 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean_m171819_20" 1100 19 "$@" --vtlp 0.1
