@@ -14,8 +14,8 @@
 # from the mean of stages 17 and 18; FROM_STAGE=19 makes stage 18 first where it is missing), then
 # codec and speaker-size copies on that mix (stage 20, OUT/stage20; FROM_STAGE=20 runs it alone once
 # OUT/mean17_18_19 exists), then VTLP (stage 21, OUT/stage21), then VTLP with the real voices 5x (stage 22,
-# OUT/stage22; FROM_STAGE=22 runs it alone once OUT/mean3_m171819_m20_21 exists). Shipped: stage 22
-# averaged with its init (the mean of stages 19-21 and the model shipped before), in int8, OUT/mean_m3_22.
+# OUT/stage22; FROM_STAGE=22 starts there once OUT/mean3_m171819_m20_21 exists). Shipped: stage 22
+# averaged with its init (stage 21's 1/3 mean with the model shipped before), in int8, OUT/mean_m3_22.
 # Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
@@ -281,6 +281,6 @@ later_stage stage22 corpus/mix5/train_real5x_broad4_aug6.jsonl "$out/mean3_m1718
 # and on the new text (22.44 -> 20.43).
 [ -d "$out/mean_m3_22" ] || python tools/average_checkpoints.py --dirs "$out/mean3_m171819_m20_21" \
   "$out/stage22/checkpoint-1100" --out "$out/mean_m3_22" --dtype int8
-# Stage 23: stage 22 once more, from the shipped model (OUT/mean_m3_22), seed 21: each stage from such a
-# mean has gained on both the real dev and the new text.
+# Stage 23: stage 22 once more, from the shipped model (OUT/mean_m3_22), seed 21: stage 22's mean with its
+# init gained on both the real dev and the new text.
 later_stage stage23 corpus/mix5/train_real5x_broad4_aug6.jsonl "$out/mean_m3_22" 1100 21 "$@" --vtlp 0.1
