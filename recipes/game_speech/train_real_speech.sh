@@ -278,16 +278,16 @@ later_stage stage21 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean_m17181
   --source corpus/real/train.jsonl --times 5 --add corpus/broad4/train.jsonl corpus/aug6/train.jsonl \
   --out corpus/mix5/train_real5x_broad4_aug6.jsonl
 later_stage stage22 corpus/mix5/train_real5x_broad4_aug6.jsonl "$out/mean3_m171819_m20_21" 1100 20 "$@" --vtlp 0.1
-# Shipped: stage 22 averaged with its init (1/2 each; by weight 1/4 the model shipped before, 1/12 stage 20,
-# 1/6 stage 21, 1/2 stage 22), int8: ahead of the model shipped before in domain (27.33 -> 26.92 greedy)
-# and on the new text (22.44 -> 20.43).
+# Shipped before stage 24: stage 22 averaged with its init (1/2 each; by weight 1/4 the model shipped
+# before it, 1/12 stage 20, 1/6 stage 21, 1/2 stage 22), int8: ahead of that model in domain (27.33 ->
+# 26.92 greedy) and on the new text (22.44 -> 20.43).
 [ -d "$out/mean_m3_22" ] || python tools/average_checkpoints.py --dirs "$out/mean3_m171819_m20_21" \
   "$out/stage22/checkpoint-1100" --out "$out/mean_m3_22" --dtype int8
-# Stage 23: stage 22 once more, from the shipped model (OUT/mean_m3_22), seed 21: stage 22's mean with its
+# Stage 23: stage 22 once more, from the model shipped then (OUT/mean_m3_22), seed 21: stage 22's mean with its
 # init gained on both the real dev and the new text.
 later_stage stage23 corpus/mix5/train_real5x_broad4_aug6.jsonl "$out/mean_m3_22" 1100 21 "$@" --vtlp 0.1
 # Not shipped: averaged with its init it gains 0.59 greedy on the real dev and loses 0.69 on the new text.
-# The mean of stage 21's 1/3 mean, the shipped model and stage 23 (1/3 each) gains 0.42 in domain and
+# The mean of stage 21's 1/3 mean, the model shipped then and stage 23 (1/3 each) gains 0.42 in domain and
 # loses 0.26 (7 words) on the new text; the next stage starts from it.
 [ -d "$out/mean3_m21_m22_23" ] || python tools/average_checkpoints.py --dirs "$out/mean3_m171819_m20_21" \
   "$out/mean_m3_22" "$out/stage23/checkpoint-1100" --out "$out/mean3_m21_m22_23" --dtype int8
