@@ -15,8 +15,8 @@
 # codec and speaker-size copies on that mix (stage 20, OUT/stage20; FROM_STAGE=20 runs it alone once
 # OUT/mean17_18_19 exists), then VTLP (stage 21, OUT/stage21), then VTLP with the real voices 5x (stage 22,
 # OUT/stage22; FROM_STAGE=22 starts there once OUT/mean3_m171819_m20_21 exists), then that once more from
-# the shipped model (stage 23), then the stage-21 mix from a 1/3 mean with it (stage 24), then that mix
-# once more from the shipped model (stage 25). Shipped: stage 24 averaged with its init (1/3 each of stage
+# stage 22's mean (stage 23), then the stage-21 mix from a 1/3 mean with it (stage 24), then that mix
+# once more from stage 24's mean (stage 25). Shipped: stage 24 averaged with its init (1/3 each of stage
 # 21's 1/3 mean, stage 22's mean with it and stage 23), in int8, OUT/mean_m24.
 # Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
