@@ -16,8 +16,9 @@
 # OUT/mean17_18_19 exists), then VTLP (stage 21, OUT/stage21), then VTLP with the real voices 5x (stage 22,
 # OUT/stage22; FROM_STAGE=22 starts there once OUT/mean3_m171819_m20_21 exists), then that once more from
 # stage 22's mean (stage 23), then the stage-21 mix from a 1/3 mean with it (stage 24), then that mix
-# once more from stage 24's mean (stage 25). Shipped: stage 24 averaged with its init (1/3 each of stage
-# 21's 1/3 mean, stage 22's mean with it and stage 23), in int8, OUT/mean_m24.
+# once more from stage 24's mean (stage 25; FROM_STAGE=25 runs it alone, from the shipped model).
+# Shipped: stage 24 averaged with its init (1/3 each of stage 21's 1/3 mean, stage 22's mean with it and
+# stage 23), in int8, OUT/mean_m24.
 # Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
@@ -241,12 +242,14 @@ fi
   corpus/ood_text/dev.jsonl corpus/broad/train.jsonl corpus/broad2/train.jsonl corpus/broad3/train.jsonl --jobs 2
 [ -f corpus/mix5/train_real3x_broad4.jsonl ] || python recipes/game_speech/upweight_mix.py --mix corpus/mix5/train.jsonl \
   --source corpus/real/train.jsonl --times 3 --add corpus/broad4/train.jsonl --out corpus/mix5/train_real3x_broad4.jsonl
+if [ "$from" -le 24 ]; then  # stages 19-24 (FROM_STAGE=25 takes the model they made from git history)
 later_stage stage19 corpus/mix5/train_real3x_broad4.jsonl "$out/mean17_18" 1100 17 "$@"
 # Alone it gains 0.76 on the new text and loses 0.29 greedy on the real dev against the mean of 17 and 18.
 # The shipped model: stage 19 averaged with that mean (weights 1/4, 1/4, 1/2 on stages 17, 18, 19), int8:
 # ahead greedy on the real dev, the new text, the new voices and the TTS dev, level on the other game.
 [ -d "$out/mean17_18_19" ] || python tools/average_checkpoints.py --dirs "$out/mean17_18" \
   "$out/stage19/checkpoint-1100" --out "$out/mean17_18_19" --dtype int8
+fi
 # Stage 20 (issue 32, item 3): the same mix plus corpus/aug6, codec (GSM, AMR-NB, A-law, Vorbis) and
 # speaker-size (pitch) copies of a fifth of every source and of corpus/broad4 (make_training_mix.py
 # --augmentations codec pitch --no_originals), added once each. From OUT/mean17_18_19, the same parts,
@@ -258,6 +261,7 @@ later_stage stage19 corpus/mix5/train_real3x_broad4.jsonl "$out/mean17_18" 1100 
 [ -f corpus/mix5/train_real3x_broad4_aug6.jsonl ] || python recipes/game_speech/upweight_mix.py --mix corpus/mix5/train.jsonl \
   --source corpus/real/train.jsonl --times 3 --add corpus/broad4/train.jsonl corpus/aug6/train.jsonl \
   --out corpus/mix5/train_real3x_broad4_aug6.jsonl
+if [ "$from" -le 24 ]; then
 later_stage stage20 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean17_18_19" 1100 18 "$@"
 # Not shipped: averaged with OUT/mean17_18_19 it gains 0.44 on the new text, 0.69 on the new voices, 1.19
 # on the other game and 0.59 with beam 4 on the real dev, and loses 0.13 greedy on the real dev.
@@ -300,6 +304,10 @@ later_stage stage24 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean3_m21_m
 # 20.03; 1/3 each of that model, stage 24's init and stage 24: 27.00 / 20.28.
 [ -d "$out/mean_m24" ] || python tools/average_checkpoints.py --dirs "$out/mean3_m21_m22_23" \
   "$out/stage24/checkpoint-1100" --out "$out/mean_m24" --dtype int8
+fi  # FROM_STAGE
 # Stage 25: stage 24's mix again, from the shipped model, seed 23 (stage 22's 5x mix from the model shipped
 # then, stage 23, gained in domain only).
+# FROM_STAGE=25 takes that model from git history (commit c0bf99c), like stages 8, 9 and 17,
+# so it runs on a machine that has only the corpora.
+shipped_model c0bf99c "$out/mean_m24"
 later_stage stage25 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean_m24" 1100 23 "$@" --vtlp 0.1
