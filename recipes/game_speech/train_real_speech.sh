@@ -308,6 +308,6 @@ fi  # FROM_STAGE
 # Stage 25: stage 24's mix again, from the shipped model, seed 23 (stage 22's 5x mix from the model shipped
 # then, stage 23, gained in domain only).
 # FROM_STAGE=25 takes that model from git history (commit c0bf99c), like stages 8, 9 and 17,
-# so it runs on a machine that has only the corpora.
+# so on a fresh machine it makes only the corpora first.
 shipped_model c0bf99c "$out/mean_m24"
 later_stage stage25 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean_m24" 1100 23 "$@" --vtlp 0.1
