@@ -18,7 +18,8 @@
 # stage 22's mean (stage 23), then the stage-21 mix from a 1/3 mean with it (stage 24), then that mix
 # once more from stage 24's mean (stage 25; FROM_STAGE=25 runs it alone, from that mean), then once more
 # from stage 25's mean (stage 26; FROM_STAGE=26 runs it alone, from the shipped model).
-# Shipped: stage 25 averaged with its init (stage 24's mean with its init), in int8, OUT/mean_m25.
+# Shipped: stage 25 averaged with its init, OUT/mean_m24 (stage 24's mean with its own init), in int8,
+# OUT/mean_m25.
 # Every step is resumable:
 # re-running the same command skips what exists and resumes training from its last checkpoint.
 #   bash recipes/game_speech/install_tts.sh && bash recipes/game_speech/install_real_speech.sh
