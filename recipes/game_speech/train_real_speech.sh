@@ -348,5 +348,6 @@ shipped_model 8b8597d "$out/mean_m25"
 # Stage 28: the real voices 3x (stages 24-26's mix), VTLP, from the mean with the shipped model, which is
 # under the new-text bar (by 0.18) and 0.17 behind the shipped model in domain;
 # the last stages to gain in domain with the new text held (24, 25) ran this mix. The same parts and
-# peak, 800 steps, seed 26.
-later_stage stage28 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean_m25_27" 800 26 "$@" --vtlp 0.1
+# peak, seed 26; 500 steps, so that its cosine ends inside one 3-hour session on 2 cores with time left
+# to measure and ship its mean.
+later_stage stage28 corpus/mix5/train_real3x_broad4_aug6.jsonl "$out/mean_m25_27" 500 26 "$@" --vtlp 0.1
