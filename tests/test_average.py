@@ -213,3 +213,20 @@ def test_parts_refuses_a_part_the_run_did_not_train(tiny_model, tmp_path):
     with pytest.raises(SystemExit, match="no lora weights"):
         average(["--dirs", str(tmp_path / "a"), "--out", str(tmp_path / "l"), "--parts", "lora"])
     assert not (tmp_path / "l").exists()
+
+
+def test_weights_give_a_weighted_mean_and_extrapolate(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    original = save_checkpoints(tiny_model, run, [(1, 3.0), (2, 2.0), (4, 2.5)])
+    dirs = [str(run / f"checkpoint-{step}") for step in (1, 2, 4)]
+    average(["--dirs", *dirs, "--weights", "0.5", "0.25", "0.25", "--out", str(tmp_path / "weighted")])
+    weighted = load_file(tmp_path / "weighted" / "model.safetensors")["projector.linear1.weight"]
+    torch.testing.assert_close(weighted, original["linear1.weight"] * 2)  # 0.5 * 1 + 0.25 * 2 + 0.25 * 4
+    # checkpoint-2 moved by what took checkpoint-1 to checkpoint-4: 2 + (4 - 1)
+    average(["--dirs", *dirs, "--weights", "-1", "1", "1", "--out", str(tmp_path / "moved")])
+    moved = load_file(tmp_path / "moved" / "model.safetensors")["projector.linear1.weight"]
+    torch.testing.assert_close(moved, original["linear1.weight"] * 5)
+    for bad in (["0.5", "0.5"], ["0.5", "0.5", "0.5"]):  # one per dir, summing to 1
+        with pytest.raises(SystemExit, match="one weight per dir"):
+            average(["--dirs", *dirs, "--weights", *bad, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

@@ -8,6 +8,11 @@
     python tools/average_checkpoints.py --dirs exp/x --out pretrained/y --dtype int8      # a quarter
     python tools/average_checkpoints.py --dirs pretrained/y --out exp/y_wise05 --interpolate_encoder 0.5
     python tools/average_checkpoints.py --dirs exp/x --out exp/x_lora --parts lora   # the adapters alone
+    python tools/average_checkpoints.py --dirs exp/a exp/b exp/c --weights 1.5 0.5 -1 --out exp/abc  # 1.5a + 0.5b - c
+
+--weights W... (one per dir, summing to 1): a weighted mean instead of the plain one. A negative
+weight extrapolates (task arithmetic, Ilharco et al. 2023): with dirs A, B, C and weights 1, 1, -1 the
+result is A + (B - C), A moved by what training took C to B.
 
 --interpolate_encoder ALPHA (WiSE-FT, Wortsman et al. 2022): the trained encoder weights (the top
 blocks and ln_post that --train_encoder_layers tuned) become ALPHA * tuned + (1 - ALPHA) * pretrained,
@@ -114,11 +119,14 @@ def keep_parts(weights: dict[str, torch.Tensor], parts: list[str]) -> dict[str, 
 
 
 def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None, encoder_alpha: float | None = None,
-                 parts: list[str] | None = None):
+                 parts: list[str] | None = None, weights: list[float] | None = None):
     """dtype: store the mean in this dtype (float16 halves a shipped model dir, int8 quarters it: one
     scale per 64 weights of a matrix row, see loading.quantize_int8; loading casts back).
     encoder_alpha: interpolate the mean's encoder weights toward the pretrained Whisper encoder (WiSE-FT).
-    parts: keep only these trained parts (PARTS) of model.safetensors."""
+    parts: keep only these trained parts (PARTS) of model.safetensors.
+    weights: one per dir, summing to 1 (the plain mean when None); negative ones extrapolate."""
+    if weights is not None and (len(weights) != len(dirs) or abs(sum(weights) - 1) > 1e-6):
+        raise SystemExit(f"error: --weights needs one weight per dir ({len(dirs)}), summing to 1; got {weights}")
     configs = {json.dumps(model_config(d)) for d in dirs}
     if len(configs) != 1:
         raise SystemExit(f"error: {[str(d) for d in dirs]} were not trained with one configuration ({CONFIG_NAME} differ)")
@@ -133,7 +141,10 @@ def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None, 
         tensors = [dequantize_int8(load_file(d / name)) for d in dirs]
         if any(t.keys() != tensors[0].keys() for t in tensors):
             raise SystemExit(f"error: {name} holds different weights in {dirs}")
-        mean = {k: sum(t[k].double() for t in tensors) / len(tensors) for k in tensors[0]}
+        if weights is None:
+            mean = {k: sum(t[k].double() for t in tensors) / len(tensors) for k in tensors[0]}
+        else:
+            mean = {k: sum(w * t[k].double() for w, t in zip(weights, tensors)) for k in tensors[0]}
         if encoder_alpha is not None and name == Path(WEIGHTS_NAME):
             mean = interpolate_encoder(mean, json.loads((dirs[0] / CONFIG_NAME).read_text())["whisper_model"],
                                        encoder_alpha)
@@ -165,6 +176,8 @@ def main(argv=None):
                    help="store the averaged weights in this dtype (default: as trained)")
     p.add_argument("--interpolate_encoder", type=float, default=None, metavar="ALPHA",
                    help="WiSE-FT: trained encoder weights = ALPHA * tuned (the mean) + (1 - ALPHA) * pretrained Whisper")
+    p.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
+                   help="one weight per dir, summing to 1, for a weighted mean (negative: extrapolate)")
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=None,
                    help="keep only these trained parts (default: all), e.g. lora: adapters for another encoder")
     args = p.parse_args(argv)
@@ -176,7 +189,7 @@ def main(argv=None):
         p.error("--interpolate_encoder takes an ALPHA from 0 (pretrained) to 1 (tuned)")
     dirs = args.dirs or select(args.output_dir, args.last, args.best)
     average_dirs(dirs, args.out, getattr(torch, args.dtype) if args.dtype else None, args.interpolate_encoder,
-                 args.parts)
+                 args.parts, args.weights)
     wise = "" if args.interpolate_encoder is None else f", encoder {args.interpolate_encoder} tuned + the rest pretrained"
     print(f"averaged {len(dirs)} checkpoints ({', '.join(d.name for d in dirs)}) into {args.out}{wise}")
 
