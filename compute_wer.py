@@ -39,7 +39,9 @@ def tokenize(text: str, lang: str = "en", normalize: bool = True) -> list[str]:
         return text.split()
     if lang == "zh":  # character error rate; Latin words and numbers stay whole (mixed zh/en)
         return _ZH_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
-    return _normalizer(lang)(text).split()
+    # Whisper's English normalizer keeps a final ellipsis ("My name is...") as a "." token, and its
+    # decimals rule can leave one elsewhere: punctuation is no word, so such tokens are dropped.
+    return [t for t in _normalizer(lang)(text).split() if any(c.isalnum() for c in t)]
 
 
 @dataclass

@@ -36,6 +36,15 @@ def test_english_normalization():
     assert counts(score({"u": "The colour costs twenty-five dollars"}, {"u": "the color costs $25"})) == (0, 0, 0, 4)
 
 
+def test_punctuation_left_by_the_normalizer_is_no_word():
+    # Whisper's normalizer turns a final ellipsis into a "." token; it must count as nothing:
+    # "my name is" is 3 words, all right, whether or not either side trails off
+    assert tokenize("My name is...") == ["my", "name", "is"]
+    assert counts(score({"u": "My name is..."}, {"u": "My name is"})) == (0, 0, 0, 3)
+    assert counts(score({"u": "My name is"}, {"u": "my name is.."})) == (0, 0, 0, 3)
+    assert tokenize("It costs 3.5 dollars, 50% off.") == ["it", "costs", "$3.5", "50%", "off"]
+
+
 def test_no_norm_scores_raw_tokens():
     # raw: "Hello," != "hello" (1 sub), "world" deleted; normalized, only the deletion remains
     assert counts(score({"u": "Hello, big world"}, {"u": "hello big"}, normalize=False)) == (0, 1, 1, 3)
