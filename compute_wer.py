@@ -39,8 +39,8 @@ def tokenize(text: str, lang: str = "en", normalize: bool = True) -> list[str]:
         return text.split()
     if lang == "zh":  # character error rate; Latin words and numbers stay whole (mixed zh/en)
         return _ZH_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
-    # Whisper's English normalizer keeps a final ellipsis ("My name is...") as a "." token, and its
-    # decimals rule can leave one elsewhere: punctuation is no word, so such tokens are dropped.
+    # Whisper's English normalizer keeps a final ellipsis ("My name is...") as a "." token (its rule
+    # that spares decimal points needs a character after the dot): punctuation is no word.
     return [t for t in _normalizer(lang)(text).split() if any(c.isalnum() for c in t)]
 
 
