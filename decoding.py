@@ -207,10 +207,11 @@ class CTCLogits(nn.Module):
     embeddings and the projector's blank. DeepSpeed ZeRO-3 gathers a partitioned weight for the
     forward and backward of the modules it is registered with (its owner, and here this module, as an
     external parameter): so the loss shares the embeddings with the LLM's own use in the same step
-    instead of gathering them a second time, which ZeRO-3 refuses."""
+    instead of gathering them a second time, which ZeRO-3 refuses. The loss trains the audio side and
+    the blank only: under --train_llm the token embeddings are the LLM's, moved by its own loss alone."""
 
     def forward(self, audio_embeds, token_embeds, blank) -> torch.Tensor:
-        return ctc_logits(audio_embeds, token_embeds, blank)
+        return ctc_logits(audio_embeds, token_embeds.detach(), blank)
 
 
 class CTCHead:

@@ -355,6 +355,22 @@ def test_audio_embeddings_start_on_the_scale_of_token_embeddings(tiny_model):
                                rtol=1e-3, atol=0)
 
 
+def test_ctc_loss_leaves_a_trained_llms_token_embeddings_to_the_llm(tiny_config):
+    """Under --train_llm the CTC term trains the audio side and its blank, never the LLM's token
+    embeddings (its targets): only the LLM's own loss moves those."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = SpeechLLM(replace(tiny_config, ctc_weight=1.0, train_llm=True))
+    batch = make_batch(model, [1.0, 1.5], ["one two", "three four five"])
+    audio_embeds = torch.randn(int(batch["audio_mask"].sum()), 64, requires_grad=True)
+    inputs_embeds = model.llm.get_input_embeddings()(batch["input_ids"]).detach()
+    inputs_embeds = inputs_embeds.masked_scatter(batch["audio_mask"][..., None], audio_embeds)
+    model.ctc_loss(inputs_embeds, batch["audio_mask"], batch["labels"]).backward()
+    assert audio_embeds.grad.abs().sum() > 0 and model.projector.ctc_blank.grad.abs().sum() > 0
+    assert model.llm.get_input_embeddings().weight.grad is None
+
+
 def test_ctc_loss_rewards_audio_embeddings_that_spell_the_transcript(tiny_config, tmp_path):
     from dataclasses import replace
 
