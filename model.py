@@ -134,6 +134,20 @@ def trained_encoder_prefixes(config, num_blocks: int) -> tuple[str, ...]:
     return tuple(f"encoder.blocks.{i}." for i in range(num_blocks - n, num_blocks)) + ("encoder.ln_post.",)
 
 
+def folded_lora(weights: dict, lora_config: "SpeechLLMConfig", llm_weights: dict) -> dict:
+    """A LoRA run's weights for a model that trains the whole LLM instead (--init_from it with
+    --train_llm): each adapter pair folded into its linear layer's weight, W + B A * alpha / rank.
+    llm_weights: the new model's current weights by name (the base LLM's, where no adapter sits)."""
+    scale = lora_config.lora_alpha / lora_config.lora_rank
+    folded = {name: value for name, value in weights.items() if ".lora_" not in name}
+    for name, a in weights.items():
+        if ".lora_A." in name:  # llm.<module>.lora_A.<adapter>.weight (rank, in); B: (out, rank)
+            module = name.split(".lora_A.")[0]
+            b = weights[name.replace(".lora_A.", ".lora_B.")]
+            folded[f"{module}.weight"] = llm_weights[f"{module}.weight"].detach() + (b.float() @ a.float()) * scale
+    return folded
+
+
 def read_llm_weights(llm_dir: Path) -> dict:
     """An HF model directory's weights, single-file or sharded safetensors."""
     index = llm_dir / "model.safetensors.index.json"
@@ -205,6 +219,9 @@ class SpeechLLMConfig:
     def __post_init__(self):
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type {self.projector_type!r}: not one of {list(PROJECTOR_TYPES)}")
+        if self.train_llm and self.lora_rank > 0:  # a trained LLM needs no adapters; peft would save only those
+            raise ValueError("train_llm trains every LLM weight: give lora_rank 0 (a LoRA run's adapters are "
+                             "folded into the LLM when a --train_llm run starts --init_from it)")
         if self.projector_kernel is None:
             self.projector_kernel = PROJECTOR_TYPES[self.projector_type].default_kernel
         if self.ctc_decode_weight is None:
@@ -218,13 +235,14 @@ class SpeechLLMConfig:
         return cls(**SAVED_BEFORE_THE_FIELD | {k: v for k, v in data.items() if k in known})
 
 
-def gathered_if_partitioned(params: list):
+def gathered_if_partitioned(params: list, modifier_rank: int | None = None):
     """DeepSpeed ZeRO-3 keeps parameters partitioned over ranks outside their module's forward: gather
-    them for a use outside any forward (the projector's initial gain). Every rank must enter."""
+    them for a use outside any forward (the projector's initial gain). Every rank must enter.
+    modifier_rank: the rank whose writes to them are kept (partitioned again on exit); None: read only."""
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def _drop_tied_aliases(module, state_dict, prefix, local_metadata):
@@ -384,9 +402,10 @@ class SpeechLLM(nn.Module):
 
     def ctc_loss(self, inputs_embeds, audio_mask, labels) -> torch.Tensor:
         """CTC between each utterance's audio embeddings and its transcript tokens, an embedding's
-        score for a token being its dot product with that token's (frozen) input embedding, plus a
-        learned blank. It pulls audio embeddings towards the embeddings of the words spoken, in order:
-        a direct signal that a frozen LLM otherwise has to discover through its own loss.
+        score for a token being its dot product with that token's input embedding (a target: never
+        trained by this loss, see CTCLogits), plus a learned blank. It pulls audio embeddings towards
+        the embeddings of the words spoken, in order: a direct signal that a frozen LLM otherwise has
+        to discover through its own loss.
         inputs_embeds: (B, L, llm_dim) with the audio spliced in; audio_mask, labels: (B, L)."""
         num_audio_tokens = audio_mask.sum(1)  # (B,)
         start = audio_mask.int().argmax(1)  # (B,) audio is one contiguous run per row
@@ -528,20 +547,25 @@ class SpeechLLM(nn.Module):
             weights.pop("projector.ctc_blank", None)
         if self.config.train_llm:
             optional |= {name for name in trainable if name.startswith("llm.")}
-            if (model_dir / LLM_DIR).is_dir() and Path(self.config.llm_model).resolve() != (model_dir / LLM_DIR).resolve():
+        # ZeRO-3 builds the LLM partitioned over the ranks: its trained weights are gathered while they
+        # are written (under --train_llm the whole LLM, once), then partitioned again from rank 0's copy.
+        with torch.no_grad(), gathered_if_partitioned(list(trainable.values()), modifier_rank=0):
+            if self.config.train_llm and (model_dir / LLM_DIR).is_dir() and \
+                    Path(self.config.llm_model).resolve() != (model_dir / LLM_DIR).resolve():
                 missing, unexpected = self.llm.load_state_dict(read_llm_weights(model_dir / LLM_DIR), strict=False)
                 missing = set(missing) & set(dict(self.llm.named_parameters()))  # not a tied alias
                 if missing or unexpected:
                     raise ValueError(f"{model_dir / LLM_DIR} does not fit this LLM: {len(missing)} weights missing, "
                                      f"{len(unexpected)} unexpected (e.g. {sorted(missing)[:2]}, {unexpected[:2]})")
-        unexpected = sorted(weights.keys() - trainable.keys())
-        if unexpected:
-            raise ValueError(f"{model_dir} holds {len(unexpected)} trained weights this model does not train "
-                             f"(e.g. {unexpected[:3]}): give it that run's options (see its {CONFIG_NAME})")
-        missing = sorted(trainable.keys() - weights.keys() - optional)
-        if missing and not warm_start:
-            raise ValueError(f"{model_dir} lacks {len(missing)} weights this model trains (e.g. {missing[:3]})")
-        with torch.no_grad():
+            if warm_start and self.config.train_llm and any(".lora_" in name for name in weights):
+                weights = folded_lora(weights, SpeechLLMConfig.from_json(model_dir / CONFIG_NAME), trainable)
+            unexpected = sorted(weights.keys() - trainable.keys())
+            if unexpected:
+                raise ValueError(f"{model_dir} holds {len(unexpected)} trained weights this model does not train "
+                                 f"(e.g. {unexpected[:3]}): give it that run's options (see its {CONFIG_NAME})")
+            missing = sorted(trainable.keys() - weights.keys() - optional)
+            if missing and not warm_start:
+                raise ValueError(f"{model_dir} lacks {len(missing)} weights this model trains (e.g. {missing[:3]})")
             for name, value in weights.items():
                 if value.shape != trainable[name].shape:
                     value = self._grown_lora(model_dir, name, value, trainable[name], warm_start)

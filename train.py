@@ -43,6 +43,9 @@ class RunArguments:
     projector_learning_rate: float | None = option(None, range=">= 0", help=(
         "learning rate of the projector (default: --learning_rate): a new projector under adapters "
         "warm-started (--init_from) wants a larger one than they do"))
+    llm_learning_rate: float | None = option(None, range=">= 0", help=(
+        "learning rate of the LLM's weights under --train_llm (default: --learning_rate): a pretrained "
+        "LLM wants a far smaller step than a projector trained from scratch"))
     init_from: str | None = option(None, help=(
         "warm start (staged training): every trained part a saved model dir holds; this run may train more, "
         "or at a larger --lora_rank (the old adapters become its first ranks); a checkpoint in output_dir still wins"))
@@ -216,33 +219,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def model_part(parameter_name: str) -> str:
+    """The part a SpeechLLM parameter belongs to, for its learning rate: encoder, projector, llm (the
+    LLM's own weights) or lora (the adapters, which sit inside the LLM's modules)."""
+    return "lora" if ".lora_" in parameter_name else parameter_name.split(".")[0]
+
+
 class SpeechLLMTrainer(Trainer):
     """Trainer that samples length-grouped batches (a fixed size, or by duration) and saves only what trains."""
 
     def __init__(self, *args, train_durations=None, train_batch_sampler=None, cpu_bf16_autocast=False,
-                 encoder_learning_rate=None, projector_learning_rate=None, data_resume=None, **kwargs):
+                 encoder_learning_rate=None, projector_learning_rate=None, llm_learning_rate=None, data_resume=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.data_resume, self.tracked_loader = data_resume, None  # shards: where the data stream stands
         self.train_durations = train_durations  # None: the Trainer's own random sampler
         self.train_batch_sampler = train_batch_sampler  # a DurationBatchSampler: batches of varying size
         self.length_sampler = None
         self.cpu_bf16_autocast = cpu_bf16_autocast
-        # parameter name prefix -> its learning rate, where it is not --learning_rate
-        self.part_learning_rates = {prefix: lr for prefix, lr in (("encoder.", encoder_learning_rate),
-                                                                  ("projector.", projector_learning_rate))
-                                    if lr is not None}
+        # model part (see model_part) -> its learning rate, where it is not --learning_rate
+        self.part_learning_rates = {part: lr for part, lr in (("encoder", encoder_learning_rate),
+                                                              ("projector", projector_learning_rate),
+                                                              ("llm", llm_learning_rate)) if lr is not None}
 
     def create_optimizer(self):
-        """The Trainer's optimizer, with the encoder's blocks (or the projector) in groups of their own
-        learning rate: a pretrained encoder wants a smaller one than a projector trained from scratch."""
+        """The Trainer's optimizer, with the encoder's blocks (or the projector, or the LLM's own weights)
+        in groups of their own learning rate: a pretrained encoder wants a smaller one than a projector
+        trained from scratch."""
         if not self.part_learning_rates:
             return super().create_optimizer()
         decay = set(self.get_decay_parameter_names(self.model))
         groups = {}  # (lr, weight decay) -> parameters
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                lr = next((lr for prefix, lr in self.part_learning_rates.items() if name.startswith(prefix)),
-                          self.args.learning_rate)
+                lr = self.part_learning_rates.get(model_part(name), self.args.learning_rate)
                 groups.setdefault((lr, self.args.weight_decay if name in decay else 0.0), []).append(param)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         self.optimizer = optimizer_cls([dict(params=params, lr=lr, weight_decay=wd) for (lr, wd), params in groups.items()],
@@ -477,6 +487,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
         train_batch_sampler=train_batch_sampler,
         cpu_bf16_autocast=cpu_bf16_autocast_wanted(run_args.cpu_bf16_autocast),
         encoder_learning_rate=run_args.encoder_learning_rate, projector_learning_rate=run_args.projector_learning_rate,
+        llm_learning_rate=run_args.llm_learning_rate,
         data_resume=data_resume, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=last_checkpoint)
     trainer.save_model(args.output_dir)

@@ -106,6 +106,35 @@ def test_two_ranks_train_one_model(mode, trains, tmp_path, tiny_llm_dir, tiny_wh
     assert len(model.transcribe([synth_audio(0, 1.0)], num_beams=2)) == 1
 
 
+@pytest.mark.slow
+def test_zero3_warm_starts_the_whole_llm_from_lora_and_from_a_trained_llm(tmp_path, tiny_llm_dir, tiny_whisper_path):
+    """ZeRO-3 builds the LLM partitioned over the ranks: --train_llm --init_from a LoRA run folds its
+    adapters into the partitioned weights, and --init_from a --train_llm run loads its llm/ dir into
+    them. At learning rate 0 each run ends holding exactly what it started from."""
+    from model import SpeechLLMConfig
+
+    jsonl = write_corpus(tmp_path / "data", TRANSCRIPTS, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7])
+    config = dict(whisper_model=str(tiny_whisper_path), llm_model=str(tiny_llm_dir), projector_hidden=64)
+    torch.manual_seed(0)
+    lora = SpeechLLM(SpeechLLMConfig(**config, lora_rank=4))
+    with torch.no_grad():  # adapters that change the LLM (B starts at zero)
+        for name, param in lora.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.05)
+    lora.save_pretrained(tmp_path / "lora")
+    expected = SpeechLLM(SpeechLLMConfig(**config, train_llm=True))
+    expected.load_trained(tmp_path / "lora", warm_start=True)
+    expected = {k: v.detach() for k, v in expected.trainable_parameters().items()}
+    frozen = ["--deepspeed", str(ROOT / "ds_config_zero3.json"), "--train_llm", "True", "--learning_rate", "0"]
+    for name, init in (("_from_lora", tmp_path / "lora"), ("_from_llm", tmp_path / "exp_from_lora")):
+        _, trace, _ = traced_torchrun(tmp_path, tiny_llm_dir, tiny_whisper_path, jsonl,
+                                      frozen + ["--init_from", str(init)], name=name, max_steps=1)
+        trained = load_file(trace / "trained0.safetensors")
+        assert trained.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(trained[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
 # --batch_seconds 5.2 on clips of 1.0-1.7 s: batches of 3, 3 and 2 clips, one split so both ranks get
 # two per epoch
 BATCHING = {"fixed": [], "seconds": ["--batch_seconds", "5.2"]}

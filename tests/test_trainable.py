@@ -297,6 +297,25 @@ def test_warm_start_from_a_fully_fine_tuned_dir_loads_its_llm(tiny_config, tmp_p
         assert torch.equal(stage2.llm.state_dict()[name], value), name
 
 
+def test_warm_start_of_full_fine_tuning_from_a_lora_run_folds_its_adapters(tiny_config, tmp_path):
+    """--train_llm --init_from a LoRA run: the adapters are folded into the LLM's weights, so the new
+    model starts computing what the LoRA run computed; LoRA and --train_llm together are refused
+    (peft would save only the adapters, losing the trained LLM)."""
+    lora = build(tiny_config, "lora", lora_dropout=0.0)
+    train_steps(lora)
+    assert any(p.abs().sum() > 0 for n, p in lora.named_parameters() if ".lora_B." in n)
+    lora.save_pretrained(tmp_path / "lora")
+    full = build(tiny_config, "llm")
+    batch = make_batch(lora, [1.0, 1.6], ["hello world", "good morning to you"])
+    before = full(**batch).logits
+    full.load_trained(tmp_path / "lora", warm_start=True)
+    expected = lora(**batch).logits
+    assert not torch.allclose(before, expected, atol=1e-3)  # the adapters changed what the LLM computes
+    torch.testing.assert_close(full(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="lora_rank 0"):
+        build(tiny_config, "lora", train_llm=True)
+
+
 def test_cpu_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, capsys):
     import train
     if torch.cuda.is_available():
@@ -308,19 +327,22 @@ def test_cpu_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, capsy
     assert train.cpu_bf16_autocast_wanted(True) is True and train.cpu_bf16_autocast_wanted(False) is False
 
 
-@pytest.mark.parametrize("encoder_lr,projector_lr", [(None, None), (1e-5, None), (None, 5e-3), (1e-5, 5e-3)])
-def test_part_learning_rates_set_only_their_groups(tiny_config, tmp_path, encoder_lr, projector_lr):
-    """--encoder_learning_rate / --projector_learning_rate put the encoder's trained blocks / the
-    projector in groups of their own lr, the LoRA adapters keep --learning_rate; weight decay still
-    skips norms and biases; every trained parameter is in exactly one group."""
+@pytest.mark.parametrize("encoder_lr,projector_lr,llm_lr", [(None, None, None), (1e-5, None, None), (None, 5e-3, None),
+                                                         (1e-5, 5e-3, None), (None, None, 2e-5), (1e-5, 5e-3, 2e-5)])
+def test_part_learning_rates_set_only_their_groups(tiny_config, tmp_path, encoder_lr, projector_lr, llm_lr):
+    """--encoder_learning_rate / --projector_learning_rate / --llm_learning_rate put the encoder's
+    trained blocks / the projector / the LLM's own weights in groups of their own lr, the LoRA adapters
+    (inside the LLM's modules) keep --learning_rate; weight decay still skips norms and biases; every
+    trained parameter is in exactly one group."""
     from transformers import TrainingArguments
 
     import train
-    model = build(tiny_config, "lora+encoder_all")
+    # the LLM's own weights train without LoRA (the two do not combine)
+    model = build(tiny_config, "lora+encoder_all") if llm_lr is None else build(tiny_config, "llm", train_encoder_layers=-1)
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, report_to="none",
                              use_cpu=True)
     trainer = train.SpeechLLMTrainer(model=model, args=args, encoder_learning_rate=encoder_lr,
-                                     projector_learning_rate=projector_lr)
+                                     projector_learning_rate=projector_lr, llm_learning_rate=llm_lr)
     optimizer = trainer.create_optimizer()
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = [(group["lr"], group["weight_decay"], names[id(p)]) for group in optimizer.param_groups
@@ -328,8 +350,10 @@ def test_part_learning_rates_set_only_their_groups(tiny_config, tmp_path, encode
     assert sorted(n for _, _, n in grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     decay = set(trainer.get_decay_parameter_names(model))
     for lr, wd, name in grouped:
-        part_lr = {"encoder": encoder_lr, "projector": projector_lr}.get(name.split(".")[0])
+        part_lr = None if ".lora_" in name else {"encoder": encoder_lr, "projector": projector_lr,
+                                                  "llm": llm_lr}[name.split(".")[0]]
         assert lr == (part_lr if part_lr is not None else 1e-3), name
         assert wd == (0.01 if name in decay else 0.0), name
     assert {n.split(".")[0] for _, _, n in grouped} == {"encoder", "projector", "llm"}
+    assert any((".lora_" in n) if llm_lr is None else n.endswith("down_proj.weight") for _, _, n in grouped)
     assert any(wd == 0.0 for _, wd, _ in grouped) and any(wd == 0.01 for _, wd, _ in grouped)
