@@ -327,18 +327,18 @@ def test_cpu_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, capsy
     assert train.cpu_bf16_autocast_wanted(True) is True and train.cpu_bf16_autocast_wanted(False) is False
 
 
-@pytest.mark.parametrize("encoder_lr,projector_lr,llm_lr", [(None, None, None), (1e-5, None, None), (None, 5e-3, None),
-                                                         (1e-5, 5e-3, None), (None, None, 2e-5), (1e-5, 5e-3, 2e-5)])
-def test_part_learning_rates_set_only_their_groups(tiny_config, tmp_path, encoder_lr, projector_lr, llm_lr):
+@pytest.mark.parametrize("trains,encoder_lr,projector_lr,llm_lr", [
+    ("lora", None, None, None), ("lora", 1e-5, None, None), ("lora", None, 5e-3, None), ("lora", 1e-5, 5e-3, None),
+    ("lora", None, None, 2e-5), ("llm", None, None, 2e-5), ("llm", 1e-5, 5e-3, 2e-5)])
+def test_part_learning_rates_set_only_their_groups(tiny_config, tmp_path, trains, encoder_lr, projector_lr, llm_lr):
     """--encoder_learning_rate / --projector_learning_rate / --llm_learning_rate put the encoder's
-    trained blocks / the projector / the LLM's own weights in groups of their own lr, the LoRA adapters
-    (inside the LLM's modules) keep --learning_rate; weight decay still skips norms and biases; every
-    trained parameter is in exactly one group."""
+    trained blocks / the projector / the LLM's own weights (--train_llm) in groups of their own lr, the
+    LoRA adapters (inside the LLM's modules) keep --learning_rate; weight decay still skips norms and
+    biases; every trained parameter is in exactly one group."""
     from transformers import TrainingArguments
 
     import train
-    # the LLM's own weights train without LoRA (the two do not combine)
-    model = build(tiny_config, "lora+encoder_all") if llm_lr is None else build(tiny_config, "llm", train_encoder_layers=-1)
+    model = build(tiny_config, "lora+encoder_all") if trains == "lora" else build(tiny_config, "llm", train_encoder_layers=-1)
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, report_to="none",
                              use_cpu=True)
     trainer = train.SpeechLLMTrainer(model=model, args=args, encoder_learning_rate=encoder_lr,
@@ -355,5 +355,5 @@ def test_part_learning_rates_set_only_their_groups(tiny_config, tmp_path, encode
         assert lr == (part_lr if part_lr is not None else 1e-3), name
         assert wd == (0.01 if name in decay else 0.0), name
     assert {n.split(".")[0] for _, _, n in grouped} == {"encoder", "projector", "llm"}
-    assert any((".lora_" in n) if llm_lr is None else n.endswith("down_proj.weight") for _, _, n in grouped)
+    assert any((".lora_" in n) if trains == "lora" else n.endswith("down_proj.weight") for _, _, n in grouped)
     assert any(wd == 0.0 for _, wd, _ in grouped) and any(wd == 0.01 for _, wd, _ in grouped)
