@@ -423,7 +423,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Speech
     """callbacks: TrainerCallbacks for the run (tools/gpu_check.py times and profiles steps with one)."""
     parser = ArgumentParser((SpeechLLMConfig, RunArguments, DataArguments, TrainingArguments))
     argv = setup_distributed(sys.argv[1:] if argv is None else argv)
-    config, run_args, data_args, args = parser.parse_args_into_dataclasses(argv)
+    try:  # a dataclass's own check (SpeechLLMConfig's, TrainingArguments') refuses the flags: no traceback
+        config, run_args, data_args, args = parser.parse_args_into_dataclasses(argv)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     validate_arguments(config, run_args, data_args, args)
     feed_the_gpu(args, argv)
     args.remove_unused_columns = False  # our batches are dicts of tensors the model takes as they are

@@ -416,6 +416,15 @@ def test_train_flags_are_the_config_fields_and_the_old_names_still_work(tmp_path
     assert not flags & set_by_the_run
 
 
+def test_train_refuses_lora_on_a_trained_llm(tmp_path):
+    """SpeechLLMConfig's own check, as an input error before anything loads: peft would save the
+    adapters alone and lose the trained LLM."""
+    argv = ["--llm_model_name_or_path", "x", "--whisper_model_name_or_path", "y", "--data_path",
+            str(tmp_path / "no.jsonl"), "--output_dir", str(tmp_path / "exp"), "--lora_rank", "8", "--train_llm", "True"]
+    with pytest.raises(InputError, match="^train_llm trains every LLM weight: give lora_rank 0"):
+        train.main(argv)
+
+
 @pytest.mark.parametrize("option", ["--per_device_train_batch_size", "--gradient_accumulation_steps"])
 def test_train_refuses_batch_options_out_of_range(tmp_path, option):
     argv = ["--llm_model_name_or_path", "x", "--whisper_model_name_or_path", "y", "--data_path",
