@@ -134,6 +134,12 @@ def trained_encoder_prefixes(config, num_blocks: int) -> tuple[str, ...]:
     return tuple(f"encoder.blocks.{i}." for i in range(num_blocks - n, num_blocks)) + ("encoder.ln_post.",)
 
 
+def model_part(parameter_name: str) -> str:
+    """The part a SpeechLLM weight belongs to (its learning rate, average_checkpoints --parts): encoder,
+    projector, llm (the LLM's own weights) or lora (the adapters, which sit inside the LLM's modules)."""
+    return "lora" if ".lora_" in parameter_name else parameter_name.split(".")[0]
+
+
 def folded_lora(weights: dict, lora_config: "SpeechLLMConfig", llm_weights: dict) -> dict:
     """A LoRA run's weights for a model that trains the whole LLM instead (--init_from it with
     --train_llm): each adapter pair folded into its linear layer's weight, W + B A * alpha / rank.

@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint, seed_worker
 from data import (Collator, DataSpec, DurationBatchSampler, InputError, LengthGroupedSampler, SpeechDataset,
                   check_entries, count_reasons, read_jsonl, text_problem)
 from decoding import DecodingOptions, transcript_token_rate
-from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, option
+from model import CONFIG_NAME, WEIGHTS_NAME, SpeechLLM, SpeechLLMConfig, model_part, option
 from shards import (ShardDataset, TrackedLoader, collate_with_position, estimate_batches, expand_shards,
                     index_summary, is_shard_spec, write_json)
 
@@ -217,12 +217,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def model_part(parameter_name: str) -> str:
-    """The part a SpeechLLM parameter belongs to, for its learning rate: encoder, projector, llm (the
-    LLM's own weights) or lora (the adapters, which sit inside the LLM's modules)."""
-    return "lora" if ".lora_" in parameter_name else parameter_name.split(".")[0]
 
 
 class SpeechLLMTrainer(Trainer):

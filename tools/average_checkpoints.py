@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loading import dequantize_int8, load_whisper, quantize_int8  # noqa: E402
-from model import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from model import CONFIG_NAME, WEIGHTS_NAME, model_part  # noqa: E402
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -104,18 +104,16 @@ def interpolate_encoder(weights: dict[str, torch.Tensor], whisper_model: str, al
             for k, v in weights.items()}
 
 
-# A trained part -> whether a weight name is in it (model.SpeechLLM.trainable_parameters' names)
-PARTS = {"encoder": lambda name: name.startswith("encoder."),
-         "projector": lambda name: name.startswith("projector."),
-         "lora": lambda name: name.startswith("llm.") and ".lora_" in name}
+# The trained parts of model.safetensors that --parts names (model.model_part; a fine-tuned LLM is in llm/)
+PARTS = ("encoder", "projector", "lora")
 
 
 def keep_parts(weights: dict[str, torch.Tensor], parts: list[str]) -> dict[str, torch.Tensor]:
     """Only the weights of these trained parts; an asked-for part with no weight is an error."""
     for part in parts:
-        if not any(PARTS[part](k) for k in weights):
+        if not any(model_part(k) == part for k in weights):
             raise SystemExit(f"error: --parts {part}: these checkpoints trained no {part} weights")
-    return {k: v for k, v in weights.items() if any(PARTS[part](k) for part in parts)}
+    return {k: v for k, v in weights.items() if model_part(k) in parts}
 
 
 def average_dirs(dirs: list[Path], out: Path, dtype: torch.dtype | None = None, encoder_alpha: float | None = None,
